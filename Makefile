@@ -1,0 +1,43 @@
+# `make demo` and `make test` create or update .venv first (torch pinned to the CPU wheel
+# through constraints.txt on machines without a GPU; see README for GPU clusters).
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: venv demo test test-slow lint format bench dry-run clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,workflow,train]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/snakemake --profile profiles/default
+
+test: venv
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: venv
+	$(BIN)/python -m pytest -m slow
+
+lint: venv
+	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check workflow
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/snakefmt workflow
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+dry-run: venv
+	$(BIN)/snakemake -n --profile profiles/default
+
+clean:
+	rm -rf results logs benchmarks .snakemake

@@ -1,0 +1,100 @@
+"""Config loading and validation: JSON schema (with defaults filled in) plus cross-references.
+
+Every error is one `ConfigError` whose message names the key path, e.g.
+`config: experiments.demo.shards: 'two' is not of type 'integer'`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from entroflow.datasets import DatasetError, resolve_entry
+from entroflow.models import ModelError, check_model_path
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _with_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(key, copy.deepcopy(sub["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def validate_config(config: dict, schema: dict | None = None) -> dict:
+    """Validate in place (defaults filled) and check names refer to existing entries."""
+    schema = schema or load_schema()
+    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(f"config: {_path(err)}: {err.message}{more}")
+    for key in ("datasets", "models", "experiments"):
+        if key not in config:
+            raise ConfigError(f"config: missing section '{key}'")
+    for name, entry in config["datasets"].items():
+        try:
+            resolve_entry(name, entry)
+        except DatasetError as err:
+            raise ConfigError(f"config: datasets.{name}: {err}") from err
+    for name, entry in config["models"].items():
+        if entry["source"] in ("hub", "local"):
+            if "path" not in entry:
+                raise ConfigError(
+                    f"config: models.{name}: source '{entry['source']}' needs a 'path'"
+                )
+            if entry["source"] == "local" and not Path(entry["path"]).expanduser().is_dir():
+                raise ConfigError(
+                    f"config: models.{name}: local model folder not found: {entry['path']}"
+                )
+            try:
+                check_model_path(name, entry["path"])
+            except ModelError as err:
+                raise ConfigError(f"config: models.{name}: {err}") from err
+    for name, exp in config["experiments"].items():
+        for kind in ("model", "dataset"):
+            section = config[kind + "s"]
+            if exp[kind] not in section:
+                raise ConfigError(
+                    f"config: experiments.{name}.{kind}: unknown {kind} '{exp[kind]}'; "
+                    f"available: {', '.join(sorted(section))}"
+                )
+    return config
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: malformed YAML: {err}") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return validate_config(config)

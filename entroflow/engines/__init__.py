@@ -1,0 +1,23 @@
+"""Generation engines behind one interface: token ids in, sampled token ids (+ engine log-probs) out."""
+
+from __future__ import annotations
+
+from entroflow.engines.base import Engine, Generation, SamplingParams
+
+ENGINES = ("hf", "sglang")
+
+
+def get_engine(name: str, **kwargs) -> Engine:
+    """Engines are imported only when chosen (sglang is an optional extra)."""
+    if name == "hf":
+        from entroflow.engines.hf import HFEngine
+
+        return HFEngine(**kwargs)
+    if name == "sglang":
+        raise NotImplementedError(
+            "the sglang engine is not implemented yet (planned behind this interface); use engine: hf"
+        )
+    raise ValueError(f"unknown engine '{name}'; available: {', '.join(ENGINES)}")
+
+
+__all__ = ["ENGINES", "Engine", "Generation", "SamplingParams", "get_engine"]

@@ -1,0 +1,40 @@
+"""The engine interface. Entropy is never taken from an engine: the scorer recomputes it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    max_new_tokens: int = 256
+    samples_per_prompt: int = 1
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    prompt_row: int  # row into the prompts given to `generate`
+    sample_index: int
+    token_ids: np.ndarray  # int32 [L], including the EOS token when finish_reason == "stop"
+    finish_reason: str  # "stop" | "length"
+    engine_logprob: np.ndarray  # float32 [L]; NaN where the engine reports none
+
+
+Progress = Callable[[int, int, float], None]  # (done prompts, total prompts, seconds)
+
+
+class Engine(Protocol):
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        progress: Progress | None = None,
+    ) -> list[Generation]: ...

@@ -1,0 +1,106 @@
+"""Loading models and tokenizers through `from_pretrained` (hub id or local folder), and prompts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class ModelError(ValueError):
+    """A model entry cannot be loaded; the message names it."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def is_local(path: str) -> bool:
+    return Path(path).expanduser().exists()
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """'org/name' with no leading '.', '/' or '~' and exactly one slash."""
+    return (
+        not path.startswith((".", "/", "~"))
+        and path.count("/") == 1
+        and all(part.strip() for part in path.split("/"))
+    )
+
+
+def check_model_path(name: str, path: str) -> None:
+    if not is_local(path) and not looks_like_hub_id(path):
+        raise ModelError(
+            f"model '{name}': '{path}' is neither an existing folder nor a hub id like 'Qwen/Qwen3-8B'"
+        )
+
+
+def load_tokenizer(path: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    path: str, revision: str | None = None, dtype: str = "auto", device: str = "auto"
+) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}'; available: {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    torch_dtype = DTYPES[dtype]
+    if torch_dtype == "auto" and dev.type == "cpu":
+        torch_dtype = (
+            torch.float32
+        )  # bf16 matmuls on CPU are slow and not what users compare against
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch_dtype)
+    model.to(dev).eval()
+    log.info(
+        "loaded %s (%s, %.1fM parameters) on %s",
+        path,
+        next(model.parameters()).dtype,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        dev,
+    )
+    return model
+
+
+def encode_prompts(
+    tokenizer,
+    prompts: list[str],
+    system_prompt: str | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> list[list[int]]:
+    """User messages -> token ids through the tokenizer's chat template (plain text without one)."""
+    if tokenizer.chat_template is None:
+        return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    encoded = []
+    for prompt in prompts:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+        )
+        encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encoded
+
+
+def context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)

@@ -1,0 +1,197 @@
+"""The per-token stages as library calls: generate a shard, score it, gather shards.
+
+Each takes and returns a `TokenTable` (the HDF5 contract in memory), so rule scripts only read,
+call and write, and the same calls work from a notebook or another workflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from importlib import metadata
+
+import numpy as np
+import pandas as pd
+
+from entroflow.answers import is_correct
+from entroflow.engines import Engine, SamplingParams
+from entroflow.entropy import ENTROPY_CONVENTION
+from entroflow.io import TokenTable, flatten, str_array, vocab_group
+from entroflow.scoring import score_responses
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for pkg in ("entroflow", "torch", "transformers", "h5py", "numpy"):
+        try:
+            versions[f"version_{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[f"version_{pkg}"] = "unknown"
+    return versions
+
+
+def shard_rows(n_rows: int, shard: int, n_shards: int) -> np.ndarray:
+    """Contiguous, balanced split of prompt rows: shard i of n (0-based)."""
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} out of range for {n_shards} shards")
+    return np.array_split(np.arange(n_rows), n_shards)[shard]
+
+
+def check_prompt_lengths(
+    prompt_ids: Sequence[Sequence[int]], ids: Sequence[str], context: int | None, max_new: int
+) -> None:
+    if context is None:
+        return
+    for pid, tokens in zip(ids, prompt_ids, strict=True):
+        if len(tokens) >= context:
+            raise PromptTooLongError(
+                f"prompt '{pid}' has {len(tokens)} tokens, at or over the model's context of {context}"
+            )
+    longest = max((len(t) for t in prompt_ids), default=0)
+    if longest + max_new > context:
+        log.warning(
+            "longest prompt (%d tokens) + max_new_tokens (%d) exceeds the context (%d): "
+            "those responses will be cut short",
+            longest,
+            max_new,
+            context,
+        )
+
+
+def generation_table(
+    problems: pd.DataFrame,
+    prompt_ids: Sequence[Sequence[int]],
+    generations,
+    tokenizer,
+    dataset_index: np.ndarray,
+    attrs: dict,
+) -> TokenTable:
+    """Generations (any order) -> contract tables, responses sorted by (prompt, sample)."""
+    generations = sorted(generations, key=lambda g: (g.prompt_row, g.sample_index))
+    prompt_flat, prompt_off = flatten(prompt_ids, np.int32)
+    tok_flat, tok_off = flatten([g.token_ids for g in generations], np.int32)
+    eng_flat, _ = flatten([g.engine_logprob for g in generations], np.float32)
+    texts = tokenizer.batch_decode(
+        [g.token_ids.tolist() for g in generations], skip_special_tokens=True
+    )
+    return TokenTable(
+        groups={
+            "prompts": {
+                "text": str_array(problems["prompt"]),
+                "answer": str_array(problems["answer"]),
+                "id": str_array(problems["id"]),
+                "offsets": prompt_off,
+                "token_ids": prompt_flat,
+                "dataset_index": np.asarray(dataset_index, dtype=np.int32),
+            },
+            "responses": {
+                "offsets": tok_off,
+                "prompt_index": np.asarray([g.prompt_row for g in generations], dtype=np.int32),
+                "sample_index": np.asarray([g.sample_index for g in generations], dtype=np.int32),
+                "finish_reason": str_array(g.finish_reason for g in generations),
+                "correct": np.full(len(generations), -1, dtype=np.int8),
+                "text": str_array(texts),
+            },
+            "tokens": {"token_id": tok_flat, "engine_logprob": eng_flat},
+        },
+        attrs=attrs,
+    )
+
+
+def generate_shard(
+    problems: pd.DataFrame,
+    prompt_ids: Sequence[Sequence[int]],
+    engine: Engine,
+    tokenizer,
+    params: SamplingParams,
+    shard: int,
+    n_shards: int,
+    context: int | None = None,
+    attrs: dict | None = None,
+    progress=None,
+) -> TokenTable:
+    """Sample `params.samples_per_prompt` responses for this shard's prompts."""
+    rows = shard_rows(len(problems), shard, n_shards)
+    sub = problems.iloc[rows].reset_index(drop=True)
+    sub_ids = [prompt_ids[i] for i in rows]
+    check_prompt_lengths(sub_ids, list(sub["id"]), context, params.max_new_tokens)
+    # The seed depends on the shard's first prompt row, so shard files differ from each other.
+    first_row = int(rows[0]) if len(rows) else 0
+    shard_params = dataclasses.replace(params, seed=params.seed + 7919 * first_row)
+    generations = engine.generate(sub_ids, shard_params, progress=progress) if len(rows) else []
+    meta = {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "max_new_tokens": params.max_new_tokens,
+        "samples_per_prompt": params.samples_per_prompt,
+        "seed": params.seed,
+        "shard": shard,
+        "n_shards": n_shards,
+        **package_versions(),
+        **(attrs or {}),
+    }
+    return generation_table(sub, sub_ids, generations, tokenizer, rows, meta)
+
+
+def score_table(
+    table: TokenTable,
+    model,
+    pad_token_id: int,
+    temperature: float,
+    max_tokens_per_batch: int = 16384,
+    chunk_rows: int = 1024,
+    progress=None,
+) -> TokenTable:
+    """Add tokens/entropy and tokens/logprob from one teacher-forced pass."""
+    prompts = [table.prompt_tokens(int(p)) for p in table["responses/prompt_index"]]
+    responses = [table.response_tokens(i) for i in range(table.n_responses)]
+    scored = score_responses(
+        model,
+        prompts,
+        responses,
+        pad_token_id=pad_token_id,
+        temperature=temperature,
+        max_tokens_per_batch=max_tokens_per_batch,
+        chunk_rows=chunk_rows,
+        progress=progress,
+    )
+    entropy, _ = flatten([s.entropy for s in scored], np.float32)
+    logprob, _ = flatten([s.logprob for s in scored], np.float32)
+    groups = {g: dict(d) for g, d in table.groups.items()}
+    groups["tokens"]["entropy"] = entropy
+    groups["tokens"]["logprob"] = logprob
+    attrs = {
+        **table.attrs,
+        "entropy_convention": ENTROPY_CONVENTION,
+        "score_temperature": temperature,
+    }
+    return TokenTable(groups=groups, attrs=attrs)
+
+
+def mark_correctness(table: TokenTable) -> TokenTable:
+    """responses/correct from math-verify against prompts/answer (-1 where there is none)."""
+    answers = table["prompts/answer"]
+    correct = np.asarray(
+        [
+            is_correct(text, answers[p] or None)
+            for text, p in zip(
+                table["responses/text"], table["responses/prompt_index"], strict=True
+            )
+        ],
+        dtype=np.int8,
+    )
+    table.groups["responses"]["correct"] = correct
+    return table
+
+
+def add_vocab(table: TokenTable, tokenizer) -> TokenTable:
+    table.groups["vocab"] = vocab_group(table["tokens/token_id"], tokenizer)
+    return table

@@ -1,0 +1,158 @@
+"""Figures for Section 3: histogram, word clouds, entropy by position, and an HTML token view."""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from entroflow.io import TokenTable, token_texts  # noqa: E402
+
+LOG_FLOOR = 1e-4  # entropies below this share the darkest colour in the token view
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def entropy_histogram(entropy: np.ndarray, stats: dict, path, title: str = "") -> None:
+    """Histogram with a log-scale count axis and the forking-threshold line (paper's Fig. 2a)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    top = max(float(entropy.max()), 1e-3)
+    ax.hist(
+        entropy, bins=np.linspace(0, top, 60), color="#4c72b0", edgecolor="white", linewidth=0.3
+    )
+    ax.set_yscale("log")
+    thr, q = stats["forking_threshold"], stats["forking_percentile"]
+    ax.axvline(thr, color="#c44e52", linestyle="--", label=f"P{q:g} = {thr:.3f} nats")
+    below = stats["fraction_below"]["0.01"]
+    ax.set_xlabel("token entropy (nats)")
+    ax.set_ylabel("tokens (log scale)")
+    ax.set_title(title or f"{stats['n_tokens']:,} tokens; {below:.1%} below 0.01 nats")
+    ax.legend()
+    _save(fig, path)
+
+
+def word_cloud(top: pd.DataFrame, token_class: str, path, colormap: str) -> None:
+    """Word cloud of one class's most frequent tokens, sized by count."""
+    from wordcloud import WordCloud
+
+    rows = top[top["class"] == token_class]
+    freqs = dict(zip(rows["token"], rows["count"], strict=True))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if freqs:
+        cloud = WordCloud(
+            width=900,
+            height=500,
+            background_color="white",
+            colormap=colormap,
+            random_state=0,
+            regexp=r"\S+",
+            collocations=False,
+        ).generate_from_frequencies(freqs)
+        ax.imshow(cloud, interpolation="bilinear")
+    else:
+        ax.text(0.5, 0.5, f"no {token_class}-entropy tokens above the minimum count", ha="center")
+    ax.set_axis_off()
+    ax.set_title(f"most frequent {token_class}-entropy tokens")
+    _save(fig, path)
+
+
+def entropy_by_position(table: TokenTable, responses: list[int], stats: dict, path) -> None:
+    """Entropy against position for a few trajectories, with the forking threshold."""
+    fig, axes = plt.subplots(
+        len(responses), 1, figsize=(9, 1.6 * len(responses) + 0.5), sharex=True, squeeze=False
+    )
+    thr = stats["forking_threshold"]
+    for ax, i in zip(axes[:, 0], responses, strict=True):
+        h = table.response_tokens(i, "entropy")
+        ax.plot(np.arange(len(h)), h, lw=0.9, color="#4c72b0")
+        ax.scatter(np.flatnonzero(h > thr), h[h > thr], s=8, color="#c44e52", zorder=3)
+        ax.axhline(thr, color="#c44e52", lw=0.7, ls="--")
+        correct = int(table["responses/correct"][i])
+        mark = {1: "correct", 0: "wrong", -1: "ungraded"}[correct]
+        ax.set_ylabel("H (nats)", fontsize=8)
+        ax.set_title(
+            f"response {i} (prompt {table['responses/prompt_index'][i]}, {mark})",
+            fontsize=8,
+            loc="left",
+        )
+    axes[-1, 0].set_xlabel("position in response (tokens)")
+    fig.suptitle(
+        f"token entropy along trajectories (red: above P{stats['forking_percentile']:g})",
+        fontsize=10,
+    )
+    _save(fig, path)
+
+
+def _colour_scale(entropy: np.ndarray, top: float):
+    """Log-scale colours: near-zero tokens stay distinguishable (a linear scale washes them out)."""
+    cmap = matplotlib.colormaps["magma_r"]
+    lo, hi = np.log10(LOG_FLOOR), np.log10(max(top, LOG_FLOOR * 10))
+    x = (np.log10(np.clip(entropy, LOG_FLOOR, None)) - lo) / (hi - lo)
+    rgba = cmap(np.clip(x, 0, 1) * 0.85)  # stop short of black so text stays readable
+    return rgba
+
+
+def _hex(rgba) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*(int(255 * c) for c in rgba[:3]))
+
+
+def token_view_html(table: TokenTable, responses: list[int], stats: dict, path) -> None:
+    """Self-contained HTML: each response's tokens coloured by entropy, tooltips with the values."""
+    top = float(np.percentile(table["tokens/entropy"], 99.5)) or 1.0
+    blocks = []
+    for i in responses:
+        sl = table.response_slice(i)
+        h = table["tokens/entropy"][sl]
+        ids = table["tokens/token_id"][sl]
+        lps = table["tokens/logprob"][sl]
+        texts = token_texts(table, ids)
+        colours = _colour_scale(h, top)
+        spans = []
+        for pos, (t, e, tid, lp, c) in enumerate(zip(texts, h, ids, lps, colours, strict=True)):
+            fg = "white" if (0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]) < 0.5 else "black"
+            tip = f"pos {pos} · id {tid} · H = {e:.4g} nats · log p = {lp:.3g}"
+            shown = html.escape(t).replace("\n", "⏎<br>")
+            spans.append(
+                f'<span style="background:{_hex(c)};color:{fg}" title="{tip}">{shown}</span>'
+            )
+        p = int(table["responses/prompt_index"][i])
+        correct = {1: "✓ correct", 0: "✗ wrong", -1: "ungraded"}[int(table["responses/correct"][i])]
+        blocks.append(
+            f"<section><h3>response {i} · prompt {p} · sample {table['responses/sample_index'][i]} · "
+            f"{len(h)} tokens · {correct}</h3>"
+            f'<pre class="prompt">{html.escape(str(table["prompts/text"][p]))}</pre>'
+            f'<div class="tokens">{"".join(spans)}</div></section>'
+        )
+    ticks = [LOG_FLOOR, 1e-3, 1e-2, 1e-1, 1.0, top]
+    legend = "".join(
+        f'<span style="background:{_hex(_colour_scale(np.array([t]), top)[0])};color:{"white" if t > 0.3 else "black"}">{t:.3g}</span>'
+        for t in sorted(set(ticks))
+        if t <= top
+    )
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>token entropy</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} .tokens{{font-family:monospace;line-height:1.9;white-space:pre-wrap}}
+.tokens span{{padding:1px 0;border-radius:2px}} .prompt{{background:#f4f4f4;padding:.5em;white-space:pre-wrap}} .legend span{{padding:2px 8px;font-family:monospace}}</style>
+</head><body><h1>Token entropy</h1>
+<p>{stats["n_tokens"]:,} tokens; P{stats["forking_percentile"]:g} = {stats["forking_threshold"]:.3f} nats.
+Colour is log<sub>10</sub> entropy (floor {LOG_FLOOR:g}), so the many near-zero tokens stay distinguishable. Hover a token for its values.</p>
+<p class="legend">nats: {legend}</p>
+{"".join(blocks)}</body></html>"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,50 @@
+"""Rule generate_responses: sample this shard's responses -> shards/generated.{i}-of-{n}.h5."""
+
+import torch
+
+from entroflow.datasets import read_problems
+from entroflow.engines import SamplingParams, get_engine
+from entroflow.io import write_token_file
+from entroflow.logs import ProgressLog, setup_logging
+from entroflow.models import context_length, encode_prompts, load_model, load_tokenizer
+from entroflow.pipeline import generate_shard
+
+log = setup_logging(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+model_cfg, gen = snakemake.params.model, snakemake.params.generation
+model_dir = snakemake.input.model
+shard, n_shards = int(snakemake.wildcards.shard), int(snakemake.wildcards.n_shards)
+
+problems = read_problems(snakemake.input.problems)
+tokenizer = load_tokenizer(model_dir)
+model = load_model(model_dir, dtype=model_cfg["dtype"])
+prompt_ids = encode_prompts(
+    tokenizer,
+    list(problems["prompt"]),
+    model_cfg["system_prompt"],
+    model_cfg["chat_template_kwargs"],
+)
+engine = get_engine(gen["engine"], model=model, tokenizer=tokenizer, batch_size=gen["batch_size"])
+params = SamplingParams(**gen["sampling"])
+log.info("shard %d of %d, %s", shard + 1, n_shards, params)
+table = generate_shard(
+    problems,
+    prompt_ids,
+    engine,
+    tokenizer,
+    params,
+    shard,
+    n_shards,
+    context=context_length(model),
+    attrs={
+        "model": model_cfg["name"],
+        "model_path": model_cfg["path"],
+        "model_revision": model_cfg["revision"] or "",
+        "dataset": gen["dataset"],
+        "engine": gen["engine"],
+        "device": str(next(model.parameters()).device),
+    },
+    progress=ProgressLog("generated", "prompts", log),
+)
+write_token_file(snakemake.output[0], table)
+log.info("wrote %d responses, %d tokens", table.n_responses, table.n_tokens)

@@ -1,0 +1,36 @@
+"""Rule score_entropy: exact entropy + log-prob of every generated token -> shards/scored.*.h5."""
+
+import numpy as np
+import torch
+
+from entroflow.io import load_checked, write_token_file
+from entroflow.logs import ProgressLog, setup_logging
+from entroflow.models import load_model, load_tokenizer
+from entroflow.pipeline import score_table
+
+log = setup_logging(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+table = load_checked(snakemake.input.generated, require_scores=False)
+tokenizer = load_tokenizer(snakemake.input.model)
+model = load_model(snakemake.input.model, dtype=snakemake.params.model["dtype"])
+scoring = snakemake.params.scoring
+scored = score_table(
+    table,
+    model,
+    pad_token_id=tokenizer.pad_token_id,
+    temperature=float(snakemake.params.temperature),
+    max_tokens_per_batch=scoring["max_tokens_per_batch"],
+    chunk_rows=scoring["chunk_rows"],
+    progress=ProgressLog("scored", "tokens", log),
+)
+eng, ours = scored["tokens/engine_logprob"], scored["tokens/logprob"]
+finite = np.isfinite(eng)
+if finite.any():
+    gap = np.abs(eng[finite] - ours[finite])
+    log.info(
+        "engine vs scorer log-prob (engine values are after top-p/top-k): max |diff| %.3g, mean %.3g",
+        gap.max(),
+        gap.mean(),
+    )
+write_token_file(snakemake.output[0], scored)
+log.info("wrote %s", snakemake.output[0])

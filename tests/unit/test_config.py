@@ -1,0 +1,102 @@
+"""Config schema + cross-references: defaults filled, each bad input named in one error."""
+
+import copy
+
+import pytest
+import yaml
+
+from entroflow.config import ConfigError, load_config, validate_config
+
+BASE = {
+    "datasets": {"arith": {"preset": "arithmetic"}},
+    "models": {"demo": {"source": "demo"}},
+    "experiments": {"e": {"model": "demo", "dataset": "arith"}},
+}
+
+
+def test_defaults_are_filled():
+    cfg = validate_config(copy.deepcopy(BASE))
+    exp = cfg["experiments"]["e"]
+    assert exp["shards"] == 1 and exp["engine"] == "hf"
+    assert exp["sampling"] == {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "max_new_tokens": 256,
+        "samples_per_prompt": 1,
+        "seed": 0,
+    }
+    assert cfg["scoring"]["chunk_rows"] == 1024 and cfg["analysis"]["forking_percentile"] == 80
+    assert cfg["models"]["demo"]["dtype"] == "auto"
+
+
+def mutated(path, value):
+    cfg = copy.deepcopy(BASE)
+    *parents, last = path
+    node = cfg
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "cfg,message",
+    [
+        (
+            mutated(["experiments", "e", "shards"], "two"),
+            "experiments.e.shards: 'two' is not of type 'integer'",
+        ),
+        (
+            mutated(["experiments", "e", "sampling", "temperature"], 0),
+            "experiments.e.sampling.temperature",
+        ),
+        (
+            mutated(["experiments", "e", "sampling", "temprature"], 1.0),
+            "'temprature' was unexpected",
+        ),
+        (mutated(["experiments", "e", "model"], "gpt5"), "unknown model 'gpt5'; available: demo"),
+        (
+            mutated(["experiments", "e", "dataset"], "aime"),
+            "unknown dataset 'aime'; available: arith",
+        ),
+        (
+            mutated(["datasets", "arith", "preset"], "aime_2026"),
+            "datasets.arith: unknown dataset preset 'aime_2026'",
+        ),
+        (
+            mutated(["models", "m2"], {"source": "local", "path": "/does/not/exist"}),
+            "local model folder not found",
+        ),
+        (mutated(["models", "m2"], {"source": "hub"}), "needs a 'path'"),
+        (
+            mutated(["models", "m2"], {"source": "hub", "path": "not a hub id"}),
+            "neither an existing folder nor a hub id",
+        ),
+        (
+            mutated(["experiments", "e", "engine"], "vllm"),
+            "experiments.e.engine: 'vllm' is not one of",
+        ),
+    ],
+)
+def test_bad_config_names_the_key(cfg, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_config(cfg)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("datasets: [unclosed\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    for path in sorted(Path("config").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg["experiments"], path
+        yaml.safe_dump(cfg)

@@ -1,0 +1,99 @@
+rule analyze_entropy:
+    input:
+        "results/{experiment}/entropy.h5",
+    output:
+        stats="results/{experiment}/stats.json",
+        top_tokens="results/{experiment}/top_tokens.csv",
+    log:
+        "logs/analyze_entropy/{experiment}.log",
+    conda:
+        "../../envs/entroflow.yaml"
+    params:
+        analysis=config["analysis"],
+    script:
+        "../../scripts/analyze_entropy.py"
+
+
+rule plot_entropy_histogram:
+    input:
+        entropy="results/{experiment}/entropy.h5",
+        stats="results/{experiment}/stats.json",
+    output:
+        report(
+            "results/{experiment}/figures/entropy_histogram.png",
+            caption="../report/entropy_histogram.rst",
+            category="Token entropy",
+            labels={"experiment": "{experiment}", "figure": "histogram"},
+        ),
+    log:
+        "logs/plot_entropy_histogram/{experiment}.log",
+    conda:
+        "../../envs/entroflow.yaml"
+    script:
+        "../../scripts/plot_entropy_histogram.py"
+
+
+rule plot_word_clouds:
+    input:
+        top_tokens="results/{experiment}/top_tokens.csv",
+    output:
+        high=report(
+            "results/{experiment}/figures/wordcloud_high.png",
+            caption="../report/wordcloud.rst",
+            category="Token entropy",
+            labels={"experiment": "{experiment}", "figure": "word cloud (high)"},
+        ),
+        low=report(
+            "results/{experiment}/figures/wordcloud_low.png",
+            caption="../report/wordcloud.rst",
+            category="Token entropy",
+            labels={"experiment": "{experiment}", "figure": "word cloud (low)"},
+        ),
+    log:
+        "logs/plot_word_clouds/{experiment}.log",
+    conda:
+        "../../envs/entroflow.yaml"
+    script:
+        "../../scripts/plot_word_clouds.py"
+
+
+rule plot_entropy_by_position:
+    input:
+        entropy="results/{experiment}/entropy.h5",
+        stats="results/{experiment}/stats.json",
+    output:
+        report(
+            "results/{experiment}/figures/entropy_by_position.png",
+            caption="../report/entropy_by_position.rst",
+            category="Token entropy",
+            labels={"experiment": "{experiment}", "figure": "by position"},
+        ),
+    log:
+        "logs/plot_entropy_by_position/{experiment}.log",
+    conda:
+        "../../envs/entroflow.yaml"
+    params:
+        trajectories=config["analysis"]["trajectories"],
+    script:
+        "../../scripts/plot_entropy_by_position.py"
+
+
+rule render_token_view:
+    input:
+        entropy="results/{experiment}/entropy.h5",
+        stats="results/{experiment}/stats.json",
+    output:
+        report(
+            "results/{experiment}/figures/token_view.html",
+            caption="../report/token_view.rst",
+            category="Token entropy",
+            labels={"experiment": "{experiment}", "figure": "token view"},
+        ),
+    log:
+        "logs/render_token_view/{experiment}.log",
+    conda:
+        "../../envs/entroflow.yaml"
+    params:
+        responses=config["analysis"]["token_view_responses"],
+    script:
+        "../../scripts/render_token_view.py"

@@ -1,0 +1,47 @@
+localrules:
+    download_dataset,
+    download_model,
+
+
+rule download_dataset:
+    output:
+        "resources/datasets/{dataset}.parquet",
+    log:
+        "logs/download_dataset/{dataset}.log",
+    conda:
+        "../../envs/entroflow.yaml"
+    params:
+        entry=get_dataset_entry,
+    script:
+        "../../scripts/download_dataset.py"
+
+
+rule download_model:
+    output:
+        directory("resources/models/hub/{model}"),
+    log:
+        "logs/download_model/{model}.log",
+    conda:
+        "../../envs/entroflow.yaml"
+    params:
+        hub=get_hub_model,
+    script:
+        "../../scripts/download_model.py"
+
+
+rule build_demo_model:
+    output:
+        directory(DEMO_MODEL_DIR),
+    log:
+        "logs/build_demo_model.log",
+    benchmark:
+        "benchmarks/build_demo_model.tsv"
+    conda:
+        "../../envs/entroflow.yaml"
+    threads: 2
+    resources:
+        runtime=30,
+    params:
+        settings=config["demo_model"],
+    script:
+        "../../scripts/build_demo_model.py"

@@ -43,6 +43,8 @@ class DemoModelConfig:
     steps: int = 1200  # fixed, so the model is deterministic for a seed
     batch_size: int = 48
     learning_rate: float = 3e-3
+    weight_decay: float = 0.01
+    final_lr_fraction: float = 0.1
     eval_problems: int = 200
     threads: int = 0  # 0: torch's default
 
@@ -148,14 +150,17 @@ def build_demo_model(out_dir: str | Path, cfg: DemoModelConfig | None = None) ->
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tokenizer: %d tokens; model: %.2fM parameters", len(tokenizer), n_params / 1e6)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
     warmup = max(1, cfg.steps // 20)
 
-    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to final_lr_fraction
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, cfg.steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        floor = cfg.final_lr_fraction
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     data = corpus(cfg.steps * cfg.batch_size, cfg.seed + 1)

@@ -1,0 +1,174 @@
+"""The workflow as users run it: lint, dry-runs of every shipped config, and a real demo run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from entroflow.io import load_checked
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
+
+
+def snakemake(*args, cwd=ROOT, timeout=900):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [str(BIN / "snakemake"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:")[1].split("\n\n")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_lint():
+    result = snakemake("--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations" in result.stdout + result.stderr
+
+
+def test_snakefmt_clean():
+    result = subprocess.run(
+        [str(BIN / "snakefmt"), "--check", "workflow"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_dry_run_every_config(config, tmp_path):
+    result = snakemake(
+        "-n",
+        "--configfile",
+        str(config),
+        "--directory",
+        str(tmp_path),
+        "--snakefile",
+        str(ROOT / "workflow/Snakefile"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    cfg = yaml.safe_load(config.read_text())
+    shards = sum(e.get("shards", 1) for e in cfg["experiments"].values())
+    assert counts["generate_responses"] == shards and counts["score_entropy"] == shards
+    assert counts["gather_entropy"] == len(cfg["experiments"])
+
+
+def test_hmmt_under_slurm_profile_asks_gpus_for_gpu_rules_only(tmp_path):
+    config = ROOT / "config/hmmt_qwen3_8b.yaml"
+    result = snakemake(
+        "results/hmmt/entropy.h5",
+        "-n",
+        "--profile",
+        str(ROOT / "profiles/slurm"),
+        "--configfile",
+        str(config),
+        "--directory",
+        str(tmp_path),
+        "--snakefile",
+        str(ROOT / "workflow/Snakefile"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    assert counts == {
+        "download_dataset": 1,
+        "download_model": 1,
+        "generate_responses": 8,
+        "score_entropy": 8,
+        "gather_entropy": 1,
+        "total": 19,
+    }
+    for block in result.stdout.split("rule ")[1:]:
+        name = block.split(":")[0]
+        resources = re.search(r"resources: (.*)", block)
+        has_gpu = bool(resources and re.search(r"\bgpu=1\b", resources[1]))
+        assert has_gpu == (name in ("generate_responses", "score_entropy")), block
+
+
+def small_demo_config(tmp_path: Path) -> Path:
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg["datasets"]["arithmetic"]["n"] = 12
+    cfg["demo_model"]["steps"] = 120
+    exp = cfg["experiments"]["demo"]
+    exp["sampling"]["samples_per_prompt"] = 3
+    exp["sampling"]["max_new_tokens"] = 48
+    cfg["analysis"]["min_token_count"] = 2
+    path = tmp_path / "demo-small.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.workflow
+def test_demo_runs_end_to_end_and_writes_the_contract(tmp_path):
+    work = tmp_path / "run"
+    work.mkdir()
+    config = small_demo_config(tmp_path)
+    result = snakemake(
+        "--cores",
+        "2",
+        "--configfile",
+        str(config),
+        "--directory",
+        str(work),
+        "--snakefile",
+        str(ROOT / "workflow/Snakefile"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    out = work / "results/demo"
+    table = load_checked(out / "entropy.h5")
+    assert table.n_prompts == 12 and table.n_responses == 36
+    assert table.attrs["temperature"] == 1.0 and table.attrs["model"] == "demo"
+    assert "full vocabulary" in table.attrs["entropy_convention"]
+    h = table["tokens/entropy"]
+    assert (
+        np.all(np.isfinite(h))
+        and np.all(h >= 0)
+        and h.max() <= np.log(len(table["vocab/ids"]) + 400)
+    )
+    lengths = np.diff(table["responses/offsets"])
+    assert np.all(lengths <= 48) and set(table["responses/finish_reason"]) <= {"stop", "length"}
+    assert set(np.unique(table["responses/correct"])) <= {0, 1}
+    # Engine log-probs at T = 1 without truncation are the scorer's, up to float noise.
+    np.testing.assert_allclose(table["tokens/engine_logprob"], table["tokens/logprob"], atol=1e-3)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["n_tokens"] == table.n_tokens
+    assert stats["forking_threshold"] == pytest.approx(
+        np.percentile(h.astype(np.float64), 80), rel=1e-6
+    )
+    for name in (
+        "entropy_histogram.png",
+        "wordcloud_high.png",
+        "wordcloud_low.png",
+        "entropy_by_position.png",
+    ):
+        assert (out / "figures" / name).read_bytes()[:4] == b"\x89PNG", name
+    html = (out / "figures/token_view.html").read_text()
+    assert html.count("<section>") == min(24, 36) and 'title="pos 0 · id' in html
+    assert "greedy accuracy" in (work / "logs/build_demo_model.log").read_text()
+    assert "generated:" in (work / "logs/generate_responses/demo.0-of-2.log").read_text()
+    # An unchanged tree schedules nothing.
+    again = snakemake(
+        "-n",
+        "--configfile",
+        str(config),
+        "--directory",
+        str(work),
+        "--snakefile",
+        str(ROOT / "workflow/Snakefile"),
+    )
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr

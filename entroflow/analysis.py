@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,8 +110,3 @@ def pick_trajectories(table: TokenTable, n: int) -> list[int]:
     if len(order) <= n:
         return order.tolist()
     return order[np.linspace(0, len(order) - 1, n).round().astype(int)].tolist()
-
-
-def read_stats(path) -> dict:
-    with open(path) as f:
-        return json.load(f)

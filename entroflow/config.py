@@ -84,7 +84,36 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
                     f"config: experiments.{name}.{kind}: unknown {kind} '{exp[kind]}'; "
                     f"available: {', '.join(sorted(section))}"
                 )
+    for name, run in config.get("runs", {}).items():
+        _check_run(config, name, run)
     return config
+
+
+def _check_run(config: dict, name: str, run: dict) -> None:
+    where = f"config: runs.{name}"
+    if run["model"] not in config["models"]:
+        raise ConfigError(
+            f"{where}.model: unknown model '{run['model']}'; available: {', '.join(sorted(config['models']))}"
+        )
+    datasets = [("dataset", run.get("dataset")), ("eval.dataset", run["eval"]["dataset"])]
+    if run["checkpoints"] is None and run.get("dataset") is None:
+        raise ConfigError(
+            f"{where}: give a training 'dataset', or 'checkpoints' (a glob) for an external run"
+        )
+    for key, value in datasets:
+        if value is not None and value not in config["datasets"]:
+            raise ConfigError(
+                f"{where}.{key}: unknown dataset '{value}'; available: {', '.join(sorted(config['datasets']))}"
+            )
+    if run["steps"] % run["save_every"]:
+        raise ConfigError(
+            f"{where}: steps ({run['steps']}) must be a multiple of save_every ({run['save_every']})"
+        )
+    too_big = [k for k in run["eval"]["k"] if k > run["eval"]["samples_per_prompt"]]
+    if too_big:
+        raise ConfigError(
+            f"{where}.eval.k: {too_big} exceed samples_per_prompt ({run['eval']['samples_per_prompt']})"
+        )
 
 
 def load_config(path: str | Path) -> dict:

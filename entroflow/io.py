@@ -15,6 +15,7 @@ Layout (see DESIGN.md):
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -68,7 +69,8 @@ def flatten(seqs: Sequence[Sequence], dtype) -> tuple[np.ndarray, np.ndarray]:
 
 
 def str_array(values: Iterable[str]) -> np.ndarray:
-    return np.asarray([str(v) for v in values], dtype=object)
+    """Strings for HDF5; NUL (which HDF5 strings cannot hold) is shown as '␀'."""
+    return np.asarray([str(v).replace("\x00", "\u2400") for v in values], dtype=object)
 
 
 @dataclass
@@ -326,6 +328,11 @@ def tokens_frame(table: TokenTable, with_text: bool = True) -> pd.DataFrame:
     if with_text and "vocab" in table.groups:
         frame["token"] = token_texts(table, frame["token_id"].to_numpy())
     return frame
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def read_tokens(path: str | os.PathLike, with_text: bool = True) -> pd.DataFrame:

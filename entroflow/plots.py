@@ -156,3 +156,39 @@ Colour is log<sub>10</sub> entropy (floor {LOG_FLOOR:g}), so the many near-zero 
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(doc, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def training_curves(rows: list[dict], path, title: str = "") -> None:
+    """Per step: reward; entropy mean and percentiles; δH probe predicted vs realised."""
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    axes[0].plot(steps, [r.get("reward_mean") for r in rows], marker="o", ms=3, color="#55a868")
+    axes[0].set_ylabel("mean reward")
+    for key, style in (("mean", "-"), ("p50", ":"), ("p80", "--"), ("p90", "-."), ("p99", ":")):
+        axes[1].plot(steps, [r.get(key) for r in rows], style, label=key)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("token entropy (nats)")
+    axes[1].legend(fontsize=7, ncol=5)
+    if all("probe_delta_h_predicted" in r for r in rows):
+        axes[2].plot(
+            steps,
+            [r["probe_delta_h_predicted"] for r in rows],
+            marker="o",
+            ms=3,
+            label="predicted ⟨∇H̄, Δθ⟩",
+        )
+        axes[2].plot(
+            steps,
+            [r["probe_delta_h_realised"] for r in rows],
+            marker="x",
+            ms=4,
+            label="realised H̄(θ+Δθ) − H̄(θ)",
+        )
+        axes[2].axhline(0, color="grey", lw=0.5)
+        axes[2].legend(fontsize=7)
+    else:
+        axes[2].text(0.5, 0.5, "probe off", ha="center", transform=axes[2].transAxes)
+    axes[2].set_ylabel("δ mean entropy (nats)")
+    axes[2].set_xlabel("training step")
+    fig.suptitle(f"training run {title}", fontsize=10)
+    _save(fig, path)

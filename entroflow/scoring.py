@@ -76,22 +76,63 @@ def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def response_rows(
-    prompt_lens: Sequence[int], response_lens: Sequence[int], width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def response_rows(response_lens: Sequence[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) indices of the positions whose output predicts each response token.
 
     Sequence b is left-padded to `width`; its response token j sits at column
     width - L_b + j and is predicted by the column before it.
     """
     rows, cols = [], []
-    for b, (p, n) in enumerate(zip(prompt_lens, response_lens, strict=True)):
+    for b, n in enumerate(response_lens):
         start = width - n - 1  # predicts the first response token
-        if p < 1:
-            raise ValueError("each prompt needs at least one token to predict the response from")
         rows.append(torch.full((n,), b, dtype=torch.long))
         cols.append(torch.arange(start, start + n, dtype=torch.long))
     return torch.cat(rows), torch.cat(cols)
+
+
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """A PEFT-wrapped model's underlying LM, with its adapters still active."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def batch_scores(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    chunk_rows: int = 1024,
+    accum_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and log-prob (R,) of all response tokens of one batch, concatenated in order.
+
+    Differentiable when called with grad enabled (the probe and the ΔH stage use that); the
+    caller chooses the batch. Responses must be non-empty.
+    """
+    lm = unwrap_peft(model)
+    device = next(lm.parameters()).device
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
+    ids, mask, positions = (t.to(device) for t in left_pad(seqs, pad_token_id))
+    hidden = decoder_body(lm)(
+        input_ids=ids, attention_mask=mask, position_ids=positions
+    ).last_hidden_state
+    rows, cols = response_rows([len(r) for r in responses], ids.shape[1])
+    rows, cols = rows.to(device), cols.to(device)
+    selected = hidden[rows, cols]  # (R, H): only rows that predict a response token
+    labels = ids[rows, cols + 1]  # (R,)
+    entropies, logprobs = [], []
+    for start in range(0, len(rows), chunk_rows):
+        logits = head_logits(lm, selected[start : start + chunk_rows])  # (chunk, V) in model dtype
+        h, lp = entropy_and_logprob(
+            logits,
+            labels[start : start + chunk_rows],
+            temperature=temperature,
+            accum_dtype=accum_dtype,
+        )
+        entropies.append(h)
+        logprobs.append(lp)
+    return torch.cat(entropies), torch.cat(logprobs)
 
 
 @torch.inference_mode()
@@ -113,48 +154,36 @@ def score_responses(
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    device = next(model.parameters()).device
-    body = decoder_body(model)
+    if any(len(p) < 1 for p in prompts):
+        raise ValueError("each prompt needs at least one token to predict the response from")
+    empty = np.zeros(0, dtype=np.float32)
+    results = [ScoredResponse(empty, empty) for _ in prompts]
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-    results: list[ScoredResponse | None] = [None] * len(prompts)
     total = sum(len(r) for r in responses)
     done, t0 = 0, time.perf_counter()
     for batch in token_budget_batches(lengths, max_tokens_per_batch):
         scored = [i for i in batch if len(responses[i])]
-        for i in batch:
-            if not len(responses[i]):
-                empty = np.zeros(0, dtype=np.float32)
-                results[i] = ScoredResponse(empty, empty.copy())
         if not scored:
             continue
-        seqs = [list(prompts[i]) + list(responses[i]) for i in scored]
-        ids, mask, positions = (t.to(device) for t in left_pad(seqs, pad_token_id))
-        hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
-        rows, cols = response_rows(
-            [len(prompts[i]) for i in scored], [len(responses[i]) for i in scored], ids.shape[1]
+        entropy, logprob = batch_scores(
+            model,
+            [prompts[i] for i in scored],
+            [responses[i] for i in scored],
+            pad_token_id=pad_token_id,
+            temperature=temperature,
+            chunk_rows=chunk_rows,
+            accum_dtype=accum_dtype,
         )
-        rows, cols = rows.to(device), cols.to(device)
-        selected = hidden[rows, cols]  # (R, H): only rows that predict a response token
-        labels = ids[rows, cols + 1]  # (R,)
-        entropy = torch.empty(len(rows), dtype=accum_dtype, device=device)
-        logprob = torch.empty_like(entropy)
-        for start in range(0, len(rows), chunk_rows):
-            stop = start + chunk_rows
-            logits = head_logits(model, selected[start:stop])  # (chunk, V) in model dtype
-            h, lp = entropy_and_logprob(
-                logits, labels[start:stop], temperature=temperature, accum_dtype=accum_dtype
-            )
-            entropy[start:stop], logprob[start:stop] = h, lp
         entropy_np = entropy.float().cpu().numpy()
         logprob_np = logprob.float().cpu().numpy()
         offset = 0
         for i in scored:
             n = len(responses[i])
             results[i] = ScoredResponse(
-                entropy_np[offset : offset + n].copy(), logprob_np[offset : offset + n].copy()
+                entropy_np[offset : offset + n], logprob_np[offset : offset + n]
             )
             offset += n
         done += offset
         if progress is not None:
             progress(done, total, time.perf_counter() - t0)
-    return results  # type: ignore[return-value]
+    return results

@@ -1,12 +1,12 @@
 """Rule render_token_view: self-contained HTML of responses coloured by token entropy."""
 
-from entroflow.analysis import pick_trajectories, read_stats
-from entroflow.io import load_checked
+from entroflow.analysis import pick_trajectories
+from entroflow.io import load_checked, read_json
 from entroflow.logs import setup_logging
 from entroflow.plots import token_view_html
 
 setup_logging(snakemake.log[0])
-stats = read_stats(snakemake.input.stats)
+stats = read_json(snakemake.input.stats)
 table = load_checked(snakemake.input.entropy)
 token_view_html(
     table, pick_trajectories(table, snakemake.params.responses), stats, snakemake.output[0]

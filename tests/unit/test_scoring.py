@@ -120,5 +120,5 @@ def test_token_budget_batches_cover_everything_once():
 
 
 def test_response_rows_point_before_each_response_token():
-    rows, cols = response_rows([2, 3], [3, 1], width=6)
+    rows, cols = response_rows([3, 1], width=6)
     assert rows.tolist() == [0, 0, 0, 1] and cols.tolist() == [2, 3, 4, 4]

@@ -67,6 +67,8 @@ def test_dry_run_every_config(config, tmp_path):
     shards = sum(e.get("shards", 1) for e in cfg["experiments"].values())
     assert counts["generate_responses"] == shards and counts["score_entropy"] == shards
     assert counts["gather_entropy"] == len(cfg["experiments"])
+    own_runs = [r for r in cfg.get("runs", {}).values() if not r.get("checkpoints")]
+    assert counts.get("train_policy", 0) == len(own_runs)
 
 
 def test_hmmt_under_slurm_profile_asks_gpus_for_gpu_rules_only(tmp_path):
@@ -108,6 +110,10 @@ def small_demo_config(tmp_path: Path) -> Path:
     exp["sampling"]["samples_per_prompt"] = 3
     exp["sampling"]["max_new_tokens"] = 48
     cfg["analysis"]["min_token_count"] = 2
+    cfg["datasets"]["arithmetic_eval"]["n"] = 3
+    run = cfg["runs"]["demo"]
+    run.update(steps=4, save_every=2, group_size=4, prompts_per_step=2, max_new_tokens=24)
+    run["eval"].update(samples_per_prompt=2, k=[1, 2], seeds=[0], max_new_tokens=24)
     path = tmp_path / "demo-small.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -161,6 +167,17 @@ def test_demo_runs_end_to_end_and_writes_the_contract(tmp_path):
     assert html.count("<section>") == min(24, 36) and 'title="pos 0 · id' in html
     assert "greedy accuracy" in (work / "logs/build_demo_model.log").read_text()
     assert "generated:" in (work / "logs/generate_responses/demo.0-of-2.log").read_text()
+    # The training run: checkpoints with optimizer state, a trace per step, figures, eval table.
+    run_dir = work / "results/runs/demo"
+    for step in (2, 4):
+        for name in ("adapter_model.safetensors", "optimizer.pt", "optimizer_param_names.json"):
+            assert (run_dir / f"checkpoint-{step}" / name).exists()
+    manifest = [json.loads(x) for x in (run_dir / "trace/manifest.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in manifest] == [1, 2, 3, 4]
+    load_checked(run_dir / "trace" / manifest[0]["file"])
+    assert (run_dir / "figures/training.png").read_bytes()[:4] == b"\x89PNG"
+    table = (run_dir / "eval/table.csv").read_text().splitlines()
+    assert table[0].startswith("step,pass@1,avg@1,pass@2,avg@2") and len(table) == 3
     # An unchanged tree schedules nothing.
     again = snakemake(
         "-n",

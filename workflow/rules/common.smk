@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+from entroflow.checkpoints import find_checkpoints
 from entroflow.config import validate_config
 from entroflow.datasets import resolve_entry
 
@@ -26,6 +27,8 @@ def get_final_output():
             f"results/{name}/top_tokens.csv",
         ]
         outputs += [f"results/{name}/figures/{fig}" for fig in FIGURES]
+    for run in config["runs"]:
+        outputs += run_outputs(run)
     return outputs
 
 
@@ -93,3 +96,78 @@ def get_scored_shards(wildcards):
 
 def get_temperature(wildcards):
     return get_experiment(wildcards)["sampling"]["temperature"]
+
+
+def run_checkpoints(run):
+    """step -> checkpoint folder: from the config for our runs, a glob for external ones."""
+    entry = config["runs"][run]
+    if entry["checkpoints"]:
+        return find_checkpoints(entry["checkpoints"])
+    steps = range(entry["save_every"], entry["steps"] + 1, entry["save_every"])
+    return {s: f"results/runs/{run}/checkpoint-{s}" for s in steps}
+
+
+def run_outputs(run):
+    entry = config["runs"][run]
+    outputs = []
+    if not entry["checkpoints"]:
+        outputs += [
+            f"results/runs/{run}/run.json",
+            f"results/runs/{run}/figures/training.png",
+        ]
+    if entry["eval"]["dataset"]:
+        outputs += [f"results/runs/{run}/eval/table.csv"]
+    return outputs
+
+
+def get_run(wildcards):
+    return config["runs"][wildcards.run]
+
+
+def get_run_model_dir(wildcards):
+    return model_dir(get_run(wildcards)["model"])
+
+
+def get_run_problems(wildcards):
+    return f"resources/datasets/{get_run(wildcards)['dataset']}.parquet"
+
+
+def get_train_settings(wildcards):
+    """The run entry minus what only the analyses use (params are a rerun trigger)."""
+    return {
+        k: v
+        for k, v in get_run(wildcards).items()
+        if k not in ("eval", "checkpoints", "model", "dataset")
+    }
+
+
+def get_run_model_settings(wildcards):
+    entry = config["models"][get_run(wildcards)["model"]]
+    return {"dtype": entry["dtype"], "system_prompt": entry["system_prompt"]}
+
+
+def get_checkpoint(wildcards):
+    return run_checkpoints(wildcards.run)[int(wildcards.step)]
+
+
+def get_checkpoint_input(wildcards):
+    """Our runs: the training marker (the folder appears as a side effect of training);
+    external runs: the folder itself."""
+    if get_run(wildcards)["checkpoints"]:
+        return get_checkpoint(wildcards)
+    return f"results/runs/{wildcards.run}/run.json"
+
+
+def get_eval_problems(wildcards):
+    return f"resources/datasets/{get_run(wildcards)['eval']['dataset']}.parquet"
+
+
+def get_eval_settings(wildcards):
+    return get_run(wildcards)["eval"]
+
+
+def get_eval_results(wildcards):
+    return [
+        f"results/runs/{wildcards.run}/eval/checkpoint-{s}.json"
+        for s in run_checkpoints(wildcards.run)
+    ]

@@ -1,0 +1,74 @@
+"""Checkpoints in the Hugging Face Trainer layout: the policy, and AdamW state by parameter name."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from entroflow.models import load_model
+from entroflow.training.trainer import PARAM_NAMES_FILE
+
+STEP = re.compile(r"checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder lacks something an analysis needs; the message names the folder."""
+
+
+def checkpoint_step(path: str | Path) -> int:
+    match = STEP.search(str(Path(path)).rstrip("/"))
+    if not match:
+        raise CheckpointError(f"{path}: not a checkpoint-<step> folder")
+    return int(match[1])
+
+
+def find_checkpoints(pattern: str) -> dict[int, str]:
+    """step -> folder for every checkpoint-<step> folder matching a glob (external runs)."""
+    from glob import glob
+
+    found = {checkpoint_step(p): p for p in sorted(glob(pattern)) if STEP.search(p.rstrip("/"))}
+    return dict(sorted(found.items()))
+
+
+def require_optimizer_state(folder: str | Path) -> None:
+    folder = Path(folder)
+    missing = [f for f in ("optimizer.pt", PARAM_NAMES_FILE) if not (folder / f).exists()]
+    if missing:
+        raise CheckpointError(
+            f"{folder}: no {' or '.join(missing)}; the per-checkpoint analyses (ΔH, Fisher kernel) need "
+            "the AdamW state and the parameter names in optimizer order (entroflow's trainer writes both)"
+        )
+
+
+def load_adam_state(folder: str | Path) -> dict[str, dict]:
+    """name -> {exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay} from optimizer.pt."""
+    require_optimizer_state(folder)
+    folder = Path(folder)
+    names = json.loads((folder / PARAM_NAMES_FILE).read_text())
+    state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    out = {}
+    for group, group_names in zip(state["param_groups"], names, strict=True):
+        if len(group["params"]) != len(group_names):
+            raise CheckpointError(
+                f"{folder}: optimizer group sizes do not match {PARAM_NAMES_FILE}"
+            )
+        hyper = {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        for index, name in zip(group["params"], group_names, strict=True):
+            out[name] = {**state["state"].get(index, {}), **hyper}
+    return out
+
+
+def load_policy(base_model: str, checkpoint: str | Path, dtype: str = "auto", merge: bool = True):
+    """Base model + the checkpoint's LoRA adapter (merged for fast sampling unless merge=False)."""
+    from peft import PeftModel
+
+    folder = Path(checkpoint)
+    if not (folder / "adapter_config.json").exists():
+        raise CheckpointError(f"{folder}: no adapter_config.json (expected a PEFT LoRA checkpoint)")
+    model = PeftModel.from_pretrained(
+        load_model(base_model, dtype=dtype), str(folder), is_trainable=not merge
+    )
+    return model.merge_and_unload().eval() if merge else model

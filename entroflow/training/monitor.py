@@ -1,0 +1,295 @@
+"""Per-step entropy traces and the first-order δH probe, as one TrainerCallback.
+
+`EntropyMonitor.attach(trainer, ...)` works on any TRL `GRPOTrainer`: it wraps the trainer's
+rollout method to keep the step's rollouts (prompt/completion ids, rewards, advantages), then
+
+- before the optimizer step: exact per-token entropy H_t of every rollout token at the current
+  (sampling) parameters θ0, with one teacher-forced pass through our scorer; with the probe on,
+  that pass keeps autograd and gives g = ∇_θ H̄, H̄ = mean over rollout tokens of H_t;
+- after the optimizer step: Δθ = θ1 - θ0 (the real update, momentum and weight decay included),
+  the predicted change δH = ⟨g, Δθ⟩ and the realised change H̄(θ1) - H̄(θ0) on the same tokens;
+- at step end: the trace file and manifest line, and probe metrics in the trainer's logs.
+
+H̄ is the mean entropy along the fixed rollout prefixes, so predicted and realised values
+measure the same quantity; how the *policy's* entropy changes (including which sequences get
+sampled) is the per-checkpoint ΔH stage's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from entroflow.io import TokenTable, flatten, str_array, vocab_group
+from entroflow.scoring import batch_scores, token_budget_batches
+from entroflow.training.traces import TraceWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One generation batch in plain Python/numpy: what a trace file and the probe need."""
+
+    prompt_ids: list[list[int]]  # [B] unpadded prompt tokens
+    completion_ids: list[list[int]]  # [B] unpadded completion tokens (EOS included)
+    prompt_text: list[str]
+    answers: list[str]
+    rewards: np.ndarray  # float32 [B]
+    correct: np.ndarray  # int8 [B]
+    advantages: np.ndarray  # float32 [B]
+    group: np.ndarray  # int32 [B]: index of the prompt group
+
+
+def _unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu(), strict=True)]
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, list):  # conversational
+        return prompt[-1]["content"]
+    return str(prompt)
+
+
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+class EntropyMonitor(TrainerCallback):
+    def __init__(
+        self,
+        tokenizer,
+        trace_dir: str | None = None,
+        write_every: int = 1,
+        probe: bool = True,
+        temperature: float = 1.0,
+        max_tokens_per_batch: int = 8192,
+        num_generations: int = 1,
+    ):
+        self.tokenizer = tokenizer
+        self.writer = TraceWriter(trace_dir) if trace_dir else None
+        self.write_every = write_every
+        self.probe = probe
+        self.temperature = temperature
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.num_generations = num_generations
+        self.trainer = None
+        self.rollout: Rollout | None = None
+        self._inputs = None
+        self._rewards = None
+        self._reset_step()
+
+    # -- wiring -------------------------------------------------------------------------------
+    @classmethod
+    def attach(cls, trainer, **kwargs) -> EntropyMonitor:
+        """Wrap `trainer`'s rollout methods to capture each generation batch and add the callback."""
+        monitor = cls(
+            trainer.processing_class,
+            temperature=trainer.args.temperature,
+            num_generations=trainer.num_generations,
+            **kwargs,
+        )
+        monitor.trainer = trainer
+        generate = trainer._generate_and_score_completions
+        rewards = trainer._calculate_rewards
+
+        def capture_rewards(inputs, *args, **kw):
+            per_func = rewards(inputs, *args, **kw)  # (B, n_funcs), NaN where a function abstains
+            monitor._rewards = per_func.detach().cpu().numpy()
+            return per_func
+
+        def capture(inputs):
+            monitor._inputs = inputs
+            out = generate(inputs)
+            if trainer.model.training:
+                monitor.rollout = monitor._to_rollout(inputs, out)
+            return out
+
+        trainer._calculate_rewards = capture_rewards
+        trainer._generate_and_score_completions = capture
+        trainer.add_callback(monitor)
+        return monitor
+
+    def _to_rollout(self, inputs, out) -> Rollout:
+        per_func = np.nan_to_num(self._rewards, nan=0.0)
+        weights = np.asarray(self.trainer.reward_weights.cpu(), dtype=np.float64)
+        rewards = (per_func * weights).sum(axis=1)
+        advantages = out["advantages"].detach().float().cpu().numpy()
+        if advantages.ndim > 1:
+            advantages = advantages.mean(axis=1)
+        n = len(inputs)
+        return Rollout(
+            prompt_ids=_unpad(out["prompt_ids"], out["prompt_mask"]),
+            completion_ids=_unpad(out["completion_ids"], out["completion_mask"]),
+            prompt_text=[_prompt_text(x["prompt"]) for x in inputs],
+            answers=[str(x.get("answer", "")) for x in inputs],
+            rewards=rewards.astype(np.float32),
+            correct=(per_func[:, 0] > 0.5).astype(np.int8),
+            advantages=advantages.astype(np.float32),
+            group=(np.arange(n) // max(self.num_generations, 1)).astype(np.int32),
+        )
+
+    def _reset_step(self) -> None:
+        self.entropy = None  # list of np arrays per completion
+        self.logprob = None
+        self.metrics: dict[str, float] = {}
+        self._theta0 = None
+        self._grad = None
+        self._h0 = None
+        self._probe_seconds = 0.0
+
+    # -- scoring ------------------------------------------------------------------------------
+    def _score(self, model, with_grad: bool):
+        """Per-token entropy/log-prob of the rollout; with grad, also ∇ of the mean entropy."""
+        r = self.rollout
+        keep = [i for i, c in enumerate(r.completion_ids) if c]
+        total = sum(len(r.completion_ids[i]) for i in keep)
+        params = [p for _, p in trainable_parameters(model)]
+        grads = [torch.zeros_like(p) for p in params] if with_grad else None
+        entropy = [np.zeros(0, np.float32) for _ in r.completion_ids]
+        logprob = [np.zeros(0, np.float32) for _ in r.completion_ids]
+        lengths = [len(r.prompt_ids[i]) + len(r.completion_ids[i]) for i in keep]
+        h_sum = 0.0
+        for batch in token_budget_batches(lengths, self.max_tokens_per_batch):
+            idx = [keep[j] for j in batch]
+            with torch.set_grad_enabled(with_grad):
+                h, lp = batch_scores(
+                    model,
+                    [r.prompt_ids[i] for i in idx],
+                    [r.completion_ids[i] for i in idx],
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    temperature=self.temperature,
+                )
+                if with_grad:
+                    for g, dg in zip(
+                        grads,
+                        torch.autograd.grad(h.sum() / total, params, allow_unused=True),
+                        strict=True,
+                    ):
+                        if dg is not None:
+                            g += dg
+            h_np, lp_np = h.detach().float().cpu().numpy(), lp.detach().float().cpu().numpy()
+            h_sum += float(h_np.astype(np.float64).sum())
+            offset = 0
+            for i in idx:
+                n = len(r.completion_ids[i])
+                entropy[i], logprob[i] = h_np[offset : offset + n], lp_np[offset : offset + n]
+                offset += n
+        return entropy, logprob, h_sum / max(total, 1), grads
+
+    # -- callback events ----------------------------------------------------------------------
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.rollout is None:
+            return
+        t0 = time.perf_counter()
+        was_training = model.training
+        model.eval()  # no dropout in the measurement
+        self.entropy, self.logprob, self._h0, self._grad = self._score(model, with_grad=self.probe)
+        if self.probe:
+            self._theta0 = [p.detach().clone() for _, p in trainable_parameters(model)]
+        model.train(was_training)
+        self._probe_seconds += time.perf_counter() - t0
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.rollout is None or not self.probe or self._theta0 is None:
+            return
+        t0 = time.perf_counter()
+        params = [p for _, p in trainable_parameters(model)]
+        with torch.no_grad():
+            predicted = sum(
+                float((g.double() * (p.detach().double() - p0.double())).sum())
+                for g, p, p0 in zip(self._grad, params, self._theta0, strict=True)
+            )
+            step_norm = float(
+                torch.sqrt(
+                    sum(
+                        ((p.detach() - p0).double() ** 2).sum()
+                        for p, p0 in zip(params, self._theta0, strict=True)
+                    )
+                )
+            )
+        was_training = model.training
+        model.eval()
+        _, _, h1, _ = self._score(model, with_grad=False)
+        model.train(was_training)
+        self.metrics.update(
+            {
+                "probe/delta_h_predicted": predicted,
+                "probe/delta_h_realised": h1 - self._h0,
+                "probe/mean_entropy_before": self._h0,
+                "probe/update_norm": step_norm,
+            }
+        )
+        self._theta0 = self._grad = None
+        self._probe_seconds += time.perf_counter() - t0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.rollout is None or self.entropy is None:
+            return
+        r = self.rollout
+        self.metrics["probe/seconds"] = self._probe_seconds
+        if self.trainer is not None and hasattr(self.trainer, "_metrics"):
+            for name, value in self.metrics.items():
+                self.trainer._metrics["train"][name].append(value)
+        if self.writer is not None and state.global_step % self.write_every == 0:
+            extra = {
+                "reward_mean": float(r.rewards.mean()),
+                "accuracy": float(r.correct.mean()),
+                **{k.replace("/", "_"): v for k, v in self.metrics.items()},
+            }
+            self.writer.write(state.global_step, self.trace_table(state.global_step), extra)
+        self.rollout = None
+        self._reset_step()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.writer is not None:
+            self.writer.write_summary({"temperature": self.temperature})
+
+    # -- trace file ---------------------------------------------------------------------------
+    def trace_table(self, step: int) -> TokenTable:
+        r = self.rollout
+        eos = self.tokenizer.eos_token_id
+        first = np.flatnonzero(np.r_[True, r.group[1:] != r.group[:-1]])  # one prompt row per group
+        p_flat, p_off = flatten([r.prompt_ids[i] for i in first], np.int32)
+        t_flat, t_off = flatten(r.completion_ids, np.int32)
+        entropy, _ = flatten(self.entropy, np.float32)
+        logprob, _ = flatten(self.logprob, np.float32)
+        texts = self.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
+        n = len(r.completion_ids)
+        table = TokenTable(
+            groups={
+                "prompts": {
+                    "text": str_array(r.prompt_text[i] for i in first),
+                    "answer": str_array(r.answers[i] for i in first),
+                    "offsets": p_off,
+                    "token_ids": p_flat,
+                },
+                "responses": {
+                    "offsets": t_off,
+                    "prompt_index": np.searchsorted(r.group[first], r.group).astype(np.int32),
+                    "sample_index": (np.arange(n) % max(self.num_generations, 1)).astype(np.int32),
+                    "finish_reason": str_array(
+                        "stop" if c and c[-1] == eos else "length" for c in r.completion_ids
+                    ),
+                    "correct": r.correct,
+                    "text": str_array(texts),
+                    "reward": r.rewards,
+                    "advantage": r.advantages,
+                    "group": r.group,
+                },
+                "tokens": {
+                    "token_id": t_flat,
+                    "entropy": entropy,
+                    "logprob": logprob,
+                    "engine_logprob": np.full(len(t_flat), np.nan, dtype=np.float32),
+                },
+            },
+            attrs={"step": step, "temperature": self.temperature, "source": "training rollouts"},
+        )
+        table.groups["vocab"] = vocab_group(t_flat, self.tokenizer)
+        return table

@@ -1,0 +1,253 @@
+"""GRPO / Dr.GRPO / MaxEnt-GRPO with LoRA on TRL's GRPOTrainer, checkpoints in the HF layout.
+
+Each checkpoint-{step}/ holds what the Trainer writes (adapter, optimizer.pt, scheduler.pt,
+trainer_state.json, rng state) plus `optimizer_param_names.json`: the parameter names in the
+optimizer's order, so the AdamW state can be mapped back to named LoRA tensors later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from entroflow.scoring import batch_scores, token_budget_batches
+from entroflow.training.maxent import (
+    MaxEntController,
+    maxent_advantages,
+    maxent_weights,
+    weight_entropy,
+)
+
+log = logging.getLogger(__name__)
+
+PARAM_NAMES_FILE = "optimizer_param_names.json"
+MAXENT_STATE_FILE = "maxent_state.json"
+ALGORITHMS = {"grpo": "grpo", "dr_grpo": "dr_grpo", "maxent_grpo": "dr_grpo"}  # -> TRL loss_type
+
+
+def optimizer_param_names(model, optimizer) -> list[list[str]]:
+    """Names of the optimizer's parameters, group by group, in its own order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+class EntroflowGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose checkpoints also record the optimizer's parameter names."""
+
+    def _checkpoint_dir(self, trial) -> str:
+        return os.path.join(
+            self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"
+        )
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            path = Path(self._checkpoint_dir(trial)) / PARAM_NAMES_FILE
+            path.write_text(json.dumps(optimizer_param_names(self.model, self.optimizer), indent=1))
+
+
+@dataclass
+class MaxEntSettings:
+    reward_temperature: float = 0.5
+    floor: float = 1e-3
+    controller: MaxEntController = field(default_factory=MaxEntController)
+
+
+class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
+    """MaxEnt-GRPO: replaces group-normalised advantages by listwise MaxEnt weights (see maxent.py)."""
+
+    def __init__(self, *args, maxent: MaxEntSettings | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.maxent = maxent or MaxEntSettings()
+        self._last_rewards: np.ndarray | None = None
+
+    def _calculate_rewards(self, inputs, *args, **kwargs):
+        per_func = super()._calculate_rewards(inputs, *args, **kwargs)
+        weights = self.reward_weights.to(per_func.device)
+        self._last_rewards = (
+            (torch.nan_to_num(per_func, nan=0.0) * weights).sum(dim=1).cpu().numpy()
+        )
+        return per_func
+
+    @torch.no_grad()
+    def _sequence_logprobs(self, prompt_ids, completion_ids) -> np.ndarray:
+        """S(y) = Σ_t log π(y_t | ...) of each completion under the current model, at T = 1."""
+        out = np.zeros(len(completion_ids))
+        keep = [i for i, c in enumerate(completion_ids) if c]
+        lengths = [len(prompt_ids[i]) + len(completion_ids[i]) for i in keep]
+        for batch in token_budget_batches(lengths, 8192):
+            idx = [keep[j] for j in batch]
+            _, lp = batch_scores(
+                self.model,
+                [prompt_ids[i] for i in idx],
+                [completion_ids[i] for i in idx],
+                pad_token_id=self.processing_class.pad_token_id,
+            )
+            ends = np.cumsum([len(completion_ids[i]) for i in idx])
+            sums = np.add.reduceat(lp.double().cpu().numpy(), np.r_[0, ends[:-1]])
+            out[idx] = sums
+        return out
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return out
+        prompts = [
+            r[m.bool()].tolist() for r, m in zip(out["prompt_ids"], out["prompt_mask"], strict=True)
+        ]
+        completions = [
+            r[m.bool()].tolist()
+            for r, m in zip(out["completion_ids"], out["completion_mask"], strict=True)
+        ]
+        was_training = self.model.training
+        self.model.eval()
+        policy = self._sequence_logprobs(prompts, completions)
+        with self.model.disable_adapter():
+            reference = self._sequence_logprobs(prompts, completions)
+        self.model.train(was_training)
+        g = self.num_generations
+        ctrl = self.maxent.controller
+        w = maxent_weights(
+            self._last_rewards.reshape(-1, g),
+            reference.reshape(-1, g),
+            ctrl.tau,
+            ctrl.beta,
+            self.maxent.reward_temperature,
+            self.maxent.floor,
+        )
+        kl = float(np.mean(policy - reference))
+        h_w = weight_entropy(w)
+        for name, value in {
+            "maxent/tau": ctrl.tau,
+            "maxent/beta": ctrl.beta,
+            "maxent/weight_entropy": h_w,
+            "maxent/kl": kl,
+        }.items():
+            self._metrics["train"][name].append(value)
+        ctrl.update(h_w, kl)
+        out["advantages"] = torch.as_tensor(
+            maxent_advantages(w), dtype=out["advantages"].dtype, device=out["advantages"].device
+        )
+        return out
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            path = Path(self._checkpoint_dir(trial)) / MAXENT_STATE_FILE
+            path.write_text(json.dumps(self.maxent.controller.state(), indent=1))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and (Path(checkpoint) / MAXENT_STATE_FILE).exists():
+            state = json.loads((Path(checkpoint) / MAXENT_STATE_FILE).read_text())
+            self.maxent.controller = MaxEntController.from_state(state)
+
+
+@dataclass
+class RunSettings:
+    """One `runs.{name}` config entry (see the schema for descriptions)."""
+
+    algorithm: str = "dr_grpo"
+    steps: int = 30
+    save_every: int = 10
+    group_size: int = 8
+    prompts_per_step: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str | list[str] = "all-linear"
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    beta: float = 0.0
+    format_reward: float = 0.0
+    seed: int = 0
+    trace_every: int = 1
+    probe: bool = True
+    maxent: dict = field(default_factory=dict)
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The highest checkpoint-{step} folder that has its trainer state (complete saves only)."""
+    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def build_trainer(
+    settings: RunSettings,
+    model,
+    tokenizer,
+    train_dataset,
+    output_dir: str,
+    reward_funcs: list | None = None,
+):
+    """The run's trainer. `reward_funcs` (TRL signature, weight 1 each) replace the math rewards."""
+    from peft import LoraConfig
+
+    from entroflow.training.rewards import make_reward_funcs
+
+    if settings.algorithm not in ALGORITHMS:
+        raise ValueError(
+            f"unknown algorithm '{settings.algorithm}'; available: {', '.join(ALGORITHMS)}"
+        )
+    if reward_funcs is None:
+        reward_funcs, reward_weights = make_reward_funcs(settings.format_reward)
+    else:
+        reward_weights = [1.0] * len(reward_funcs)
+    args = GRPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=settings.prompts_per_step * settings.group_size,
+        num_generations=settings.group_size,
+        max_completion_length=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        lr_scheduler_type="constant",
+        max_steps=settings.steps,
+        save_steps=settings.save_every,
+        save_strategy="steps",
+        logging_steps=1,
+        beta=settings.beta,
+        loss_type=ALGORITHMS[settings.algorithm],
+        scale_rewards="none" if settings.algorithm == "dr_grpo" else "group",
+        reward_weights=reward_weights,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        report_to=[],
+        disable_tqdm=True,
+        seed=settings.seed,
+        data_seed=settings.seed,
+    )
+    peft_config = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        target_modules=settings.lora_targets,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    kwargs = dict(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    if settings.algorithm == "maxent_grpo":
+        m = dict(settings.maxent)
+        controller = MaxEntController(**m.pop("controller", {}))
+        return MaxEntGRPOTrainer(**kwargs, maxent=MaxEntSettings(**m, controller=controller))
+    return EntroflowGRPOTrainer(**kwargs)
+
+
+def run_metadata(settings: RunSettings, model_path: str) -> dict:
+    return {"model_path": model_path, **asdict(settings)}

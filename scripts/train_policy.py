@@ -1,0 +1,26 @@
+"""Rule train_policy: GRPO-family training with LoRA -> checkpoints, trace, run.json. Resumes."""
+
+import torch
+
+from entroflow.datasets import read_problems
+from entroflow.logs import setup_logging
+from entroflow.training.run import train_policy
+from entroflow.training.trainer import RunSettings
+
+log = setup_logging(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+s = dict(snakemake.params.settings)
+lora = s.pop("lora")
+settings = RunSettings(
+    **s, lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_targets=lora["targets"]
+)
+summary = train_policy(
+    settings,
+    snakemake.input.model,
+    read_problems(snakemake.input.problems),
+    snakemake.params.output_dir,
+    dtype=snakemake.params.model["dtype"],
+    system_prompt=snakemake.params.model["system_prompt"],
+)
+if "reward_mean" in summary:
+    log.info("reward %.3f -> %.3f", summary["reward_mean"]["first"], summary["reward_mean"]["last"])

@@ -1,0 +1,38 @@
+rule evaluate_checkpoint:
+    input:
+        checkpoint=get_checkpoint_input,
+        problems=get_eval_problems,
+        model=get_run_model_dir,
+    output:
+        "results/runs/{run}/eval/checkpoint-{step}.json",
+    log:
+        "logs/evaluate_checkpoint/{run}.{step}.log",
+    benchmark:
+        "benchmarks/evaluate_checkpoint/{run}.{step}.tsv"
+    conda:
+        "../../envs/entroflow.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        runtime=240,
+    params:
+        checkpoint=get_checkpoint,
+        eval=get_eval_settings,
+        model=get_run_model_settings,
+        progress="results/runs/{run}/eval/checkpoint-{step}.progress.jsonl",
+    script:
+        "../../scripts/evaluate_checkpoint.py"
+
+
+rule summarize_evaluation:
+    input:
+        get_eval_results,
+    output:
+        csv="results/runs/{run}/eval/table.csv",
+        markdown="results/runs/{run}/eval/table.md",
+    log:
+        "logs/summarize_evaluation/{run}.log",
+    conda:
+        "../../envs/entroflow.yaml"
+    script:
+        "../../scripts/summarize_evaluation.py"

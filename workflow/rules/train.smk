@@ -1,0 +1,43 @@
+rule train_policy:
+    input:
+        problems=get_run_problems,
+        model=get_run_model_dir,
+    output:
+        run="results/runs/{run}/run.json",
+        summary="results/runs/{run}/trace/summary.json",
+    log:
+        "logs/train_policy/{run}.log",
+    benchmark:
+        "benchmarks/train_policy/{run}.tsv"
+    conda:
+        "../../envs/entroflow.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        runtime=1440,
+    params:
+        settings=get_train_settings,
+        model=get_run_model_settings,
+        output_dir="results/runs/{run}",
+    script:
+        "../../scripts/train_policy.py"
+
+
+rule plot_training:
+    input:
+        summary="results/runs/{run}/trace/summary.json",
+    output:
+        report(
+            "results/runs/{run}/figures/training.png",
+            caption="../report/training.rst",
+            category="Training",
+            labels={"run": "{run}", "figure": "training curves"},
+        ),
+    log:
+        "logs/plot_training/{run}.log",
+    conda:
+        "../../envs/entroflow.yaml"
+    params:
+        manifest="results/runs/{run}/trace/manifest.jsonl",
+    script:
+        "../../scripts/plot_training.py"

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test test-slow lint format dry-run clean
+.PHONY: venv demo test test-slow lint format bench dry-run clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ format: venv
 	$(BIN)/snakefmt workflow
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+bench: venv
+	test -d resources/models/demo || $(BIN)/snakemake resources/models/demo
+	$(BIN)/python bench/probe_overhead.py
 
 dry-run: venv
 	$(BIN)/snakemake -n --profile profiles/default

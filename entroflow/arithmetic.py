@@ -2,7 +2,9 @@
 
 Two-digit addition and subtraction solved digit by digit. Most of a solution is determined by
 the problem (low entropy once learned); a few places are genuine choices, like connectives and an
-optional check ("Wait, let me check ..."), which play the role of the paper's forking tokens.
+optional check ("Wait, let me check ...") and whether the answer is boxed, which play the role
+of the paper's forking tokens. The last one gives RL an easy preference to learn from a format
+reward.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 OPENERS = ["", "Let's go digit by digit. ", "We work column by column. ", "First, the ones. "]
 CONCLUSIONS = ["So", "Thus", "Therefore", "Hence"]
 CHECK_PROBABILITY = 0.3
+BOXED_PROBABILITY = 0.5  # the answer's format is a fork too: "\boxed{72}" or a bare "72"
 
 
 @dataclass(frozen=True)
@@ -63,14 +66,15 @@ def _subtraction_steps(a: int, b: int) -> str:
 
 
 def solution(problem: Problem, rng: random.Random) -> str:
-    """A chain of thought ending in \\boxed{answer}, with random stylistic choices."""
+    """A chain of thought ending in the answer (boxed or not), with random stylistic choices."""
     a, b = problem.a, problem.b
     steps = _addition_steps(a, b) if problem.op == "+" else _subtraction_steps(a, b)
     text = rng.choice(OPENERS) + steps
     if rng.random() < CHECK_PROBABILITY:
         inverse = "-" if problem.op == "+" else "+"
         text += f" Wait, let me check: {problem.answer} {inverse} {b} = {a}. Yes."
-    return text + f" {rng.choice(CONCLUSIONS)} the answer is \\boxed{{{problem.answer}}}."
+    answer = f"\\boxed{{{problem.answer}}}" if rng.random() < BOXED_PROBABILITY else str(problem.answer)
+    return text + f" {rng.choice(CONCLUSIONS)} the answer is {answer}."
 
 
 def problems(n: int, seed: int) -> list[Problem]:

@@ -54,9 +54,11 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
         err = errors[0]
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ConfigError(f"config: {_path(err)}: {err.message}{more}")
-    for key in ("datasets", "models", "experiments"):
+    for key in ("datasets", "models"):
         if key not in config:
             raise ConfigError(f"config: missing section '{key}'")
+    if not config["experiments"] and not config["runs"]:
+        raise ConfigError("config: nothing to do: add an entry under 'experiments' or 'runs'")
     for name, entry in config["datasets"].items():
         try:
             resolve_entry(name, entry)

@@ -168,7 +168,7 @@ def training_curves(rows: list[dict], path, title: str = "") -> None:
         axes[1].plot(steps, [r.get(key) for r in rows], style, label=key)
     axes[1].set_yscale("log")
     axes[1].set_ylabel("token entropy (nats)")
-    axes[1].legend(fontsize=7, ncol=5)
+    axes[1].legend(fontsize=7, ncol=5, loc="center right")
     if all("probe_delta_h_predicted" in r for r in rows):
         axes[2].plot(
             steps,

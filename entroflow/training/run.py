@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from entroflow.models import load_model, load_tokenizer
 from entroflow.training.monitor import EntropyMonitor
@@ -84,6 +85,7 @@ def train_policy(
     monitor = EntropyMonitor.attach(
         trainer, trace_dir=str(trace_dir), write_every=settings.trace_every, probe=settings.probe
     )
+    trainer.remove_callback(PrinterCallback)  # raw metric dicts on stdout; StepLog logs a readable line
     trainer.add_callback(StepLog(settings.steps))
     if checkpoint is not None:
         step = int(checkpoint.name.split("-")[1])

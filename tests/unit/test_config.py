@@ -98,5 +98,5 @@ def test_shipped_configs_validate():
 
     for path in sorted(Path("config").glob("*.yaml")):
         cfg = load_config(path)
-        assert cfg["experiments"], path
+        assert cfg["experiments"] or cfg["runs"], path
         yaml.safe_dump(cfg)

@@ -64,9 +64,12 @@ def test_dry_run_every_config(config, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     counts = job_counts(result.stdout)
     cfg = yaml.safe_load(config.read_text())
-    shards = sum(e.get("shards", 1) for e in cfg["experiments"].values())
-    assert counts["generate_responses"] == shards and counts["score_entropy"] == shards
-    assert counts["gather_entropy"] == len(cfg["experiments"])
+    experiments = cfg.get("experiments", {})
+    shards = sum(e.get("shards", 1) for e in experiments.values())
+    assert (
+        counts.get("generate_responses", 0) == shards and counts.get("score_entropy", 0) == shards
+    )
+    assert counts.get("gather_entropy", 0) == len(experiments)
     own_runs = [r for r in cfg.get("runs", {}).values() if not r.get("checkpoints")]
     assert counts.get("train_policy", 0) == len(own_runs)
 
@@ -189,3 +192,50 @@ def test_demo_runs_end_to_end_and_writes_the_contract(tmp_path):
         str(ROOT / "workflow/Snakefile"),
     )
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_external_run_schedules_one_job_per_checkpoint_and_only_new_ones(tmp_path):
+    ext = tmp_path / "someone-elses-run"
+    for step in (5, 10):
+        (ext / f"checkpoint-{step}").mkdir(parents=True)
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg["experiments"] = {}
+    cfg["runs"] = {
+        "ext": {
+            "model": "demo",
+            "checkpoints": str(ext / "checkpoint-*"),
+            "eval": {"dataset": "arithmetic_eval"},
+        }
+    }
+    config = tmp_path / "ext.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    args = (
+        "--configfile",
+        str(config),
+        "--directory",
+        str(tmp_path / "work"),
+        "--snakefile",
+        str(ROOT / "workflow/Snakefile"),
+    )
+    first = snakemake("-n", *args)
+    assert first.returncode == 0, first.stderr
+    counts = job_counts(first.stdout)
+    assert counts["evaluate_checkpoint"] == 2 and "train_policy" not in counts
+    # Pretend everything ran: create the outputs, then let --touch order their times.
+    work = tmp_path / "work"
+    (work / "resources/models/demo").mkdir(parents=True)
+    (work / "resources/datasets").mkdir(parents=True)
+    (work / "resources/datasets/arithmetic_eval.parquet").touch()
+    (work / "results/runs/ext/eval").mkdir(parents=True)
+    for name in ("checkpoint-5.json", "checkpoint-10.json", "table.csv", "table.md"):
+        (work / "results/runs/ext/eval" / name).touch()
+    assert snakemake("--touch", "--cores", "1", *args).returncode == 0
+    (ext / "checkpoint-15").mkdir()
+    second = snakemake("-n", *args)
+    assert second.returncode == 0, second.stderr
+    assert job_counts(second.stdout) == {
+        "evaluate_checkpoint": 1,
+        "summarize_evaluation": 1,
+        "all": 1,
+        "total": 3,
+    }

@@ -27,7 +27,9 @@ def seconds_per_step(model_dir: str, steps: int, mode: str) -> float:
     out = tempfile.mkdtemp()
     tokenizer = load_tokenizer(model_dir)
     problems = load_problems("b", {"preset": "arithmetic", "n": 512, "seed": 9})
-    trainer = build_trainer(settings, load_model(model_dir), tokenizer, prompts_dataset(problems), out)
+    trainer = build_trainer(
+        settings, load_model(model_dir), tokenizer, prompts_dataset(problems), out
+    )
     trainer.args.save_strategy = "no"
     if mode != "bare":
         EntropyMonitor.attach(trainer, trace_dir=f"{out}/trace", probe=(mode == "probe"))
@@ -39,13 +41,19 @@ def seconds_per_step(model_dir: str, steps: int, mode: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="resources/models/demo")
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    results = {mode: seconds_per_step(args.model, args.steps, mode) for mode in ("bare", "trace", "probe")}
-    print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, threads {torch.get_num_threads()}, model {args.model}")
+    results = {
+        mode: seconds_per_step(args.model, args.steps, mode) for mode in ("bare", "trace", "probe")
+    }
+    print(
+        f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, threads {torch.get_num_threads()}, model {args.model}"
+    )
     for mode, sec in results.items():
         print(f"{mode:>6}: {sec:.3f} s/step  ({sec / results['bare']:.2f}x bare)")
 

@@ -73,7 +73,9 @@ def solution(problem: Problem, rng: random.Random) -> str:
     if rng.random() < CHECK_PROBABILITY:
         inverse = "-" if problem.op == "+" else "+"
         text += f" Wait, let me check: {problem.answer} {inverse} {b} = {a}. Yes."
-    answer = f"\\boxed{{{problem.answer}}}" if rng.random() < BOXED_PROBABILITY else str(problem.answer)
+    answer = (
+        f"\\boxed{{{problem.answer}}}" if rng.random() < BOXED_PROBABILITY else str(problem.answer)
+    )
     return text + f" {rng.choice(CONCLUSIONS)} the answer is {answer}."
 
 

@@ -85,7 +85,9 @@ def train_policy(
     monitor = EntropyMonitor.attach(
         trainer, trace_dir=str(trace_dir), write_every=settings.trace_every, probe=settings.probe
     )
-    trainer.remove_callback(PrinterCallback)  # raw metric dicts on stdout; StepLog logs a readable line
+    trainer.remove_callback(
+        PrinterCallback
+    )  # raw metric dicts on stdout; StepLog logs a readable line
     trainer.add_callback(StepLog(settings.steps))
     if checkpoint is not None:
         step = int(checkpoint.name.split("-")[1])

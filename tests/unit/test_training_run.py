@@ -150,3 +150,39 @@ def test_checkpoint_without_optimizer_state_is_named(tmp_path):
     folder.mkdir()
     with pytest.raises(CheckpointError, match="checkpoint-7: no optimizer.pt"):
         require_optimizer_state(folder)
+
+
+def test_maxent_grpo_trains_and_restores_its_controller(model_dir, problems, tmp_path):
+    from entroflow.training.maxent import MaxEntController
+    from entroflow.training.trainer import MAXENT_STATE_FILE
+
+    settings = RunSettings(
+        **{**SETTINGS, "algorithm": "maxent_grpo", "maxent": {"controller": {"tau": 2.0}}}
+    )
+    out = tmp_path / "maxent"
+    train_policy(settings, model_dir, problems, str(out), reward_funcs=[digit_share])
+    rows = [json.loads(x) for x in (out / "trace/manifest.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    table = read_token_file(out / "trace" / rows[0]["file"])
+    adv = table["responses/advantage"].reshape(-1, 4)
+    np.testing.assert_allclose(adv.sum(axis=1), 0, atol=1e-5)  # G·w - 1 sums to zero per group
+    assert not np.allclose(adv, 0)
+    saved = [
+        MaxEntController.from_state(
+            json.loads((out / f"checkpoint-{s}" / MAXENT_STATE_FILE).read_text())
+        )
+        for s in (2, 4)
+    ]
+    assert (
+        saved[0].tau != 2.0 and saved[0] != saved[1]
+    )  # the controller moved and was saved each time
+    # Resume from checkpoint-2 after losing checkpoint-4: the controller continues from its saved
+    # state, so the re-made checkpoint-4 holds the same controller as the uninterrupted run.
+    shutil.rmtree(out / "checkpoint-4")
+    train_policy(settings, model_dir, problems, str(out), reward_funcs=[digit_share])
+    resumed = MaxEntController.from_state(
+        json.loads((out / "checkpoint-4" / MAXENT_STATE_FILE).read_text())
+    )
+    assert resumed.tau == pytest.approx(saved[1].tau) and resumed.beta == pytest.approx(
+        saved[1].beta
+    )

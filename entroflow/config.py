@@ -97,7 +97,11 @@ def _check_run(config: dict, name: str, run: dict) -> None:
         raise ConfigError(
             f"{where}.model: unknown model '{run['model']}'; available: {', '.join(sorted(config['models']))}"
         )
-    datasets = [("dataset", run.get("dataset")), ("eval.dataset", run["eval"]["dataset"])]
+    datasets = [
+        ("dataset", run.get("dataset")),
+        ("eval.dataset", run["eval"]["dataset"]),
+        ("delta_h.dataset", run["delta_h"]["dataset"]),
+    ]
     if run["checkpoints"] is None and run.get("dataset") is None:
         raise ConfigError(
             f"{where}: give a training 'dataset', or 'checkpoints' (a glob) for an external run"
@@ -107,6 +111,12 @@ def _check_run(config: dict, name: str, run: dict) -> None:
             raise ConfigError(
                 f"{where}.{key}: unknown dataset '{value}'; available: {', '.join(sorted(config['datasets']))}"
             )
+    if run["delta_h"]["enabled"] and not (run["delta_h"]["dataset"] or run.get("dataset")):
+        raise ConfigError(
+            f"{where}.delta_h.dataset: needed for an external run (no training dataset)"
+        )
+    if run["fisher"]["enabled"] and not run["delta_h"]["enabled"]:
+        raise ConfigError(f"{where}.fisher: needs delta_h enabled (the kernel uses its batches)")
     if run["steps"] % run["save_every"]:
         raise ConfigError(
             f"{where}: steps ({run['steps']}) must be a multiple of save_every ({run['save_every']})"

@@ -135,7 +135,7 @@ def write_token_file(path: str | os.PathLike, table: TokenTable) -> None:
     try:
         with h5py.File(tmp, "w") as f:
             for gname, datasets in table.groups.items():
-                g = f.create_group(gname)
+                g = f if gname == "" else f.require_group(gname)  # "" = the file's root
                 for name, values in datasets.items():
                     _write_dataset(g, name, values)
             attrs = {
@@ -165,17 +165,35 @@ def _decode_attr(value):
     return value
 
 
-def read_token_file(path: str | os.PathLike, groups: Sequence[str] | None = None) -> TokenTable:
-    """Read a whole token file (or only some groups) into memory, checking it opens cleanly."""
+def read_token_file(
+    path: str | os.PathLike, groups: Sequence[str] | None = None, root: str = ""
+) -> TokenTable:
+    """Read a whole token file (or only some groups) into memory, checking it opens cleanly.
+
+    `root` reads a token table nested in a bigger file (e.g. "e_batch" in a ΔH file); datasets
+    directly under `root` come back as the group "".
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"token file not found: {path}")
     try:
         with h5py.File(path, "r") as f:
-            names = list(f.keys()) if groups is None else list(groups)
+            base = f[root] if root else f
+            names = (
+                [k for k in base if isinstance(base[k], h5py.Group)]
+                if groups is None
+                else [g for g in groups if g]
+            )
+            loaded = {
+                g: {n: _read_dataset(d) for n, d in base[g].items() if isinstance(d, h5py.Dataset)}
+                for g in names
+                if g in base
+            }
+            top = {n: _read_dataset(d) for n, d in base.items() if isinstance(d, h5py.Dataset)}
+            if top and (groups is None or "" in groups):
+                loaded[""] = top
             table = TokenTable(
-                groups={g: {n: _read_dataset(d) for n, d in f[g].items()} for g in names if g in f},
-                attrs={k: _decode_attr(v) for k, v in f.attrs.items()},
+                groups=loaded, attrs={k: _decode_attr(v) for k, v in f.attrs.items()}
             )
     except OSError as err:
         raise ContractError(

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -191,4 +192,124 @@ def training_curves(rows: list[dict], path, title: str = "") -> None:
     axes[2].set_ylabel("δ mean entropy (nats)")
     axes[2].set_xlabel("training step")
     fig.suptitle(f"training run {title}", fontsize=10)
+    _save(fig, path)
+
+
+def delta_h_figures(files: list, loglog_path, first_order_path, checkpoints_path) -> None:
+    """ΔH files of one run (TokenTable with the estimates at the root, attrs with step and lr)."""
+    files = sorted(files, key=lambda t: t.attrs["step"])
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(files)))
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for t, c in zip(files, colours, strict=True):
+        e, lr = t.groups[""], t.attrs["lr"]
+        x, y = e["eta"] / lr, np.abs(e["delta_h_true"])
+        lower = np.minimum(e["stderr"], 0.9 * y)  # a log axis cannot show a bar through zero
+        ax.errorbar(
+            x,
+            y,
+            yerr=[lower, e["stderr"]],
+            fmt="o",
+            color=c,
+            ms=4,
+            capsize=2,
+            label=f"step {t.attrs['step']}: slope {t.attrs['loglog_slope']:.2f}, R² {t.attrs['loglog_r2']:.3f}",
+        )
+        ax.plot(x, np.abs(e["delta_h_first_order"]), "--", color=c, lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ticks = files[0].groups[""]["eta"] / files[0].attrs["lr"]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("η / learning rate (1 = the training step)")
+    ax.set_ylabel("|ΔH| (nats); dashed: first order |δH₁|")
+    ax.legend(fontsize=7)
+    ax.set_title("entropy change of one update step", fontsize=10)
+    _save(fig, loglog_path)
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for t, c in zip(files, colours, strict=True):
+        e = t.groups[""]
+        ax.errorbar(
+            e["delta_h_true"],
+            e["delta_h_first_order"],
+            xerr=e["stderr"],
+            fmt="o",
+            color=c,
+            ms=4,
+            capsize=2,
+            label=f"step {t.attrs['step']}",
+        )
+    lims = np.array(ax.get_xlim() + ax.get_ylim())
+    lo, hi = lims.min(), lims.max()
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+    ax.set_xlabel("ΔH true (SNIS)")
+    ax.set_ylabel("δH₁ first order")
+    ax.legend(fontsize=7)
+    _save(fig, first_order_path)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    steps = [t.attrs["step"] for t in files]
+    at_lr = [int(np.argmin(np.abs(t.groups[""]["eta"] / t.attrs["lr"] - 1.0))) for t in files]
+    true = [t.groups[""]["delta_h_true"][i] for t, i in zip(files, at_lr, strict=True)]
+    err = [t.groups[""]["stderr"][i] for t, i in zip(files, at_lr, strict=True)]
+    first = [t.groups[""]["delta_h_first_order"][i] for t, i in zip(files, at_lr, strict=True)]
+    grad_part = [
+        t.groups[""]["delta_h_first_order_gradient_part"][i]
+        for t, i in zip(files, at_lr, strict=True)
+    ]
+    ax.errorbar(steps, true, yerr=err, fmt="o-", capsize=3, label="ΔH true at η = lr")
+    ax.plot(steps, first, "s--", label="δH₁ at η = lr")
+    ax.plot(steps, grad_part, "^:", label="δH₁, gradient part only (no momentum/decay)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel("entropy change (nats)")
+    ax.legend(fontsize=7)
+    _save(fig, checkpoints_path)
+
+
+def fisher_figure(files: list, path) -> None:
+    """Per checkpoint (rows): K heat-map, same- vs different-prompt entries, singular values,
+    and each training sequence's contribution to δH₁ against its advantage."""
+    files = sorted(files, key=lambda t: t.attrs["step"])
+    fig, axes = plt.subplots(len(files), 4, figsize=(15, 3.2 * len(files)), squeeze=False)
+    for row, t in zip(axes, files, strict=True):
+        d = t.groups[""]
+        k = d["K"]
+        lim = np.abs(k).max() or 1.0
+        im = row[0].imshow(k, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        fig.colorbar(im, ax=row[0], fraction=0.046)
+        row[0].set_title(
+            f"step {t.attrs['step']}: K (E x U); identity err {t.attrs['identity_relative_error']:.1e}",
+            fontsize=8,
+        )
+        row[0].set_xlabel("U-batch sequence")
+        row[0].set_ylabel("E-batch sequence")
+        same = d["e_dataset_index"][:, None] == d["u_dataset_index"][None, :]
+        bins = np.linspace(k.min(), k.max(), 40)
+        row[1].hist(
+            k[~same],
+            bins=bins,
+            alpha=0.6,
+            density=True,
+            label=f"different prompt ({(~same).sum()})",
+        )
+        if same.any():
+            row[1].hist(
+                k[same], bins=bins, alpha=0.6, density=True, label=f"same prompt ({same.sum()})"
+            )
+        row[1].set_yscale("log")
+        row[1].legend(fontsize=7)
+        row[1].set_title("entries of K", fontsize=8)
+        sv = d["singular_values"]
+        row[2].semilogy(np.arange(1, len(sv) + 1), sv, "o-", ms=3)
+        row[2].set_title("singular values of K", fontsize=8)
+        sc = row[3].scatter(
+            d["u_advantage"], d["u_contribution"], c=d["u_length"], s=12, cmap="viridis"
+        )
+        fig.colorbar(sc, ax=row[3], fraction=0.046, label="length")
+        row[3].axhline(0, color="grey", lw=0.5)
+        row[3].set_xlabel("advantage")
+        row[3].set_title("contribution to δH₁/η per training sequence", fontsize=8)
+    fig.tight_layout()
     _save(fig, path)

@@ -1,9 +1,15 @@
+import dataclasses
 import json
 from pathlib import Path
 
-from entroflow.checkpoints import find_checkpoints
+from entroflow.checkpoints import (
+    CheckpointError,
+    find_checkpoints,
+    require_optimizer_state,
+)
 from entroflow.config import validate_config
 from entroflow.datasets import resolve_entry
+from entroflow.training.trainer import RunSettings
 
 validate_config(config)
 
@@ -117,7 +123,60 @@ def run_outputs(run):
         ]
     if entry["eval"]["dataset"]:
         outputs += [f"results/runs/{run}/eval/table.csv"]
+    if entry["delta_h"]["enabled"] and delta_h_checkpoints(run):
+        outputs += [f"results/runs/{run}/figures/delta_h_loglog.png"]
+        if entry["fisher"]["enabled"]:
+            outputs += [f"results/runs/{run}/figures/fisher_kernel.png"]
     return outputs
+
+
+def delta_h_checkpoints(run):
+    """Checkpoints ΔH can use: all of ours; an external run's only where optimizer state exists
+    (the others are refused here, with a warning, and their other analyses still run).
+    """
+    found = run_checkpoints(run)
+    if not config["runs"][run]["checkpoints"]:
+        return found
+    usable = {}
+    for step, folder in found.items():
+        try:
+            require_optimizer_state(folder)
+            usable[step] = folder
+        except CheckpointError as err:
+            logger.warning(f"ΔH skipped: {err}")
+    return usable
+
+
+def get_delta_h_problems(wildcards):
+    entry = get_run(wildcards)
+    return (
+        f"resources/datasets/{entry['delta_h']['dataset'] or entry['dataset']}.parquet"
+    )
+
+
+def get_delta_h_settings(wildcards):
+    entry = get_run(wildcards)
+    shape = {
+        k: entry[k]
+        for k in (
+            "algorithm",
+            "group_size",
+            "max_new_tokens",
+            "temperature",
+            "format_reward",
+        )
+    }
+    settings = {
+        k: v for k, v in entry["delta_h"].items() if k not in ("enabled", "dataset")
+    }
+    return {"run": shape, "delta_h": settings}
+
+
+def get_delta_h_results(wildcards):
+    return [
+        f"results/runs/{wildcards.run}/delta_h/checkpoint-{s}.h5"
+        for s in delta_h_checkpoints(wildcards.run)
+    ]
 
 
 def get_run(wildcards):
@@ -133,12 +192,9 @@ def get_run_problems(wildcards):
 
 
 def get_train_settings(wildcards):
-    """The run entry minus what only the analyses use (params are a rerun trigger)."""
-    return {
-        k: v
-        for k, v in get_run(wildcards).items()
-        if k not in ("eval", "checkpoints", "model", "dataset")
-    }
+    """Only the keys training uses (params are a rerun trigger: analysis settings stay out)."""
+    keys = {f.name for f in dataclasses.fields(RunSettings)} | {"lora"}
+    return {k: v for k, v in get_run(wildcards).items() if k in keys}
 
 
 def get_run_model_settings(wildcards):
@@ -170,4 +226,38 @@ def get_eval_results(wildcards):
     return [
         f"results/runs/{wildcards.run}/eval/checkpoint-{s}.json"
         for s in run_checkpoints(wildcards.run)
+    ]
+
+
+def get_fisher_settings(wildcards):
+    entry = get_run(wildcards)
+    shape = {
+        k: entry[k]
+        for k in (
+            "algorithm",
+            "group_size",
+            "max_new_tokens",
+            "temperature",
+            "format_reward",
+        )
+    }
+    settings = {
+        k: v
+        for k, v in entry["fisher"].items()
+        if k not in ("enabled", "keep_gradients")
+    }
+    return {"run": shape, "fisher": settings}
+
+
+def get_gradient_store(wildcards):
+    path = (
+        f"results/runs/{wildcards.run}/fisher/checkpoint-{wildcards.step}/gradients.h5"
+    )
+    return path if get_run(wildcards)["fisher"]["keep_gradients"] else f"{path}.tmp"
+
+
+def get_fisher_results(wildcards):
+    return [
+        f"results/runs/{wildcards.run}/fisher/checkpoint-{s}/kernel.h5"
+        for s in delta_h_checkpoints(wildcards.run)
     ]

@@ -1,0 +1,145 @@
+"""Adam-preconditioned Fisher kernel K₁(t, t') = Σ_α ∂_α S(t) P_α ∂_α S(t') between sequences.
+
+Per-sequence gradients of S(y) = Σ_t log π(y_t) come from one batched backward with hooks on
+the LoRA Linear layers (PEFT's lora_A / lora_B): for a bias-free Linear with input a (B, T, in)
+and output gradient e (B, T, out), sequence b's weight gradient is Σ_t e[b,t] ⊗ a[b,t], exactly,
+because sequences in a batch do not interact and padding carries no gradient. Gradients are
+scaled once by √P (P = 1/D from the replayed AdamW step), so K = G_E G_Uᵀ, accumulated over
+parameter blocks without ever holding all gradients at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from entroflow.scoring import batch_scores, token_budget_batches, unwrap_peft
+
+
+class PerSampleGrads:
+    """Hooks that turn one backward of Σ_b S_b into per-sequence gradients of named Linear weights."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
+        modules = dict(unwrap_peft(model).named_modules())
+        params = dict(model.named_parameters())
+        self.targets = {}  # parameter name -> module
+        for name in names:
+            module_name = name.rsplit(".", 1)[0]
+            module = modules.get(module_name.removeprefix("base_model.model."))
+            if (
+                not isinstance(module, torch.nn.Linear)
+                or module.bias is not None
+                or not name.endswith(".weight")
+            ):
+                raise ValueError(
+                    f"per-sample hooks need bias-free Linear weights; {name} is not one"
+                )
+            if module.weight is not params[name]:
+                raise ValueError(f"{name} does not belong to module {module_name}")
+            self.targets[name] = module
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.targets.items():
+            self._handles.append(module.register_forward_hook(self._save_input(name)))
+            self._handles.append(module.register_full_backward_hook(self._per_sample(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _save_input(self, name):
+        def hook(module, args, output):
+            self.inputs[name] = args[0].detach()
+
+        return hook
+
+    def _per_sample(self, name):
+        def hook(module, grad_input, grad_output):
+            a, e = self.inputs.pop(name), grad_output[0].detach()
+            # (B, T, out) x (B, T, in) -> (B, out, in), in float64 for the accumulation
+            self.grads[name] = torch.einsum("bto,bti->boi", e.double(), a.double())
+
+        return hook
+
+
+def sequence_gradients(
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    names: Sequence[str],
+    *,
+    pad_token_id: int,
+    temperature: float,
+    max_tokens_per_batch: int = 4096,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Yields (sequence indices, {name: (b, *shape) ∇S per sequence}) batch by batch."""
+    params = dict(model.named_parameters())
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    for batch in token_budget_batches(lengths, max_tokens_per_batch):
+        with PerSampleGrads(model, names) as hooks:
+            # One forward in exactly this order: the hooks' batch rows are these sequences.
+            _, logprob = batch_scores(
+                model,
+                [prompts[i] for i in batch],
+                [responses[i] for i in batch],
+                pad_token_id=pad_token_id,
+                temperature=temperature,
+                accum_dtype=torch.float64,
+            )
+            torch.autograd.grad(logprob.sum(), [params[n] for n in names])
+        yield batch, hooks.grads
+
+
+def flatten_blocks(
+    grads: dict[str, torch.Tensor], names: Sequence[str], scale: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """(b, Σ|α|) rows of √P ⊙ ∇S, parameters concatenated in `names` order."""
+    return torch.cat(
+        [(grads[n] * scale[n].double()).reshape(grads[n].shape[0], -1) for n in names], dim=1
+    )
+
+
+def kernel_blocked(
+    g_e: np.ndarray | torch.Tensor, g_u: np.ndarray | torch.Tensor, block: int
+) -> torch.Tensor:
+    """K = G_E G_Uᵀ accumulated over parameter blocks of `block` columns (bounded peak memory)."""
+    g_e, g_u = torch.as_tensor(g_e), torch.as_tensor(g_u)
+    k = torch.zeros(g_e.shape[0], g_u.shape[0], dtype=torch.float64)
+    for start in range(0, g_e.shape[1], block):
+        k += g_e[:, start : start + block].double() @ g_u[:, start : start + block].double().T
+    return k
+
+
+def jl_sketch(
+    rows: torch.Tensor, k: int, seed: int, start_column: int = 0, total_columns: int | None = None
+) -> torch.Tensor:
+    """Project rows (b, d_block) with a seeded Gaussian matrix (d, k) / √k, one column block at a time.
+
+    The same seed and `start_column` regenerate the same block of the projection, so a stream of
+    parameter blocks sketches to the same result as the whole matrix.
+    """
+    g = torch.Generator().manual_seed(seed + 1_000_003 * start_column)
+    proj = torch.randn(rows.shape[1], k, generator=g, dtype=torch.float64) / np.sqrt(k)
+    return rows.double() @ proj
+
+
+def kernel_delta_h(
+    kernel: torch.Tensor, s_eval: np.ndarray, coefficients: np.ndarray, adam_factor: float
+) -> tuple[float, np.ndarray]:
+    """The gradient part of δH₁/η for the surprisal estimator from K, split per training sequence.
+
+    With the RL loss L = -Σ_i c_i S_i (c_i = A_i / (B·L_max) for Dr.GRPO, A_i / (B·L_i) for GRPO),
+    δH₁/η = -adam_factor · (1/N_E) Σ_t (S_t - b_t) Σ_i K(t, i) c_i, b_t the leave-one-out mean of S
+    (the first-order estimator's baseline) and adam_factor = (1 - β1) / (1 - β1^t').
+    """
+    n = len(s_eval)
+    centred = s_eval - (s_eval.sum() - s_eval) / max(n - 1, 1)
+    contributions = -adam_factor * (centred @ kernel.numpy()) * coefficients / n  # (N_U,)
+    return float(contributions.sum()), contributions

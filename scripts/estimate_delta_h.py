@@ -1,0 +1,37 @@
+"""Rule estimate_delta_h: ΔH(η) by SNIS vs δH₁(η) for one checkpoint -> delta_h/checkpoint-{step}.h5."""
+
+import json
+
+import torch
+
+from entroflow.checkpoints import load_adam_state, load_policy
+from entroflow.datasets import read_problems
+from entroflow.delta_h_run import DeltaHSettings, RunShape, estimate_delta_h
+from entroflow.io import write_token_file
+from entroflow.logs import setup_logging
+from entroflow.models import encode_prompts, load_tokenizer
+
+log = setup_logging(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+checkpoint, cfg = snakemake.params.checkpoint, snakemake.params.settings
+adam_state = load_adam_state(checkpoint)  # fails first, naming the folder, if the state is missing
+tokenizer = load_tokenizer(snakemake.input.model)
+model = load_policy(
+    snakemake.input.model, checkpoint, dtype=snakemake.params.model["dtype"], merge=False
+)
+problems = read_problems(snakemake.input.problems)
+prompt_ids = encode_prompts(
+    tokenizer, list(problems["prompt"]), snakemake.params.model["system_prompt"]
+)
+settings = DeltaHSettings(**cfg["delta_h"])
+table, summary = estimate_delta_h(
+    model, tokenizer, problems, prompt_ids, adam_state, RunShape(**cfg["run"]), settings
+)
+table.attrs = {
+    "checkpoint": str(checkpoint),
+    "step": int(snakemake.wildcards.step),
+    "settings": json.dumps(cfg),
+    **{k: v for k, v in summary.items()},
+}
+write_token_file(snakemake.output[0], table)
+log.info("%s", json.dumps(summary))

@@ -1,0 +1,171 @@
+"""Per-sequence gradients, the blocked kernel, its reconstruction identity, and the sketch."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+from entroflow.adam import dot, replay_adamw
+from entroflow.delta_h import first_order_surrogate, rl_loss, score_sequences
+from entroflow.fisher import (
+    flatten_blocks,
+    jl_sketch,
+    kernel_blocked,
+    kernel_delta_h,
+    sequence_gradients,
+)
+
+PAD = 0
+
+
+def _rms_norm_f64(self, x):
+    return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    base = Qwen3ForCausalLM(config).double().eval()
+    for module in base.modules():
+        if isinstance(module, Qwen3RMSNorm):
+            module.forward = types.MethodType(_rms_norm_f64, module)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # LoRA B starts at zero; give it values so every gradient is non-trivial
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return model.double()
+
+
+def lora_names(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def batch(seed, n):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, 40, rng.integers(2, 5)).tolist() for _ in range(n)]
+    responses = [rng.integers(1, 40, rng.integers(1, 7)).tolist() for _ in range(n)]
+    return prompts, responses
+
+
+def gather(model, prompts, responses, names, max_tokens):
+    out = {n: [None] * len(prompts) for n in names}
+    for idx, grads in sequence_gradients(
+        model,
+        prompts,
+        responses,
+        names,
+        pad_token_id=PAD,
+        temperature=1.0,
+        max_tokens_per_batch=max_tokens,
+    ):
+        for n in names:
+            for j, i in enumerate(idx):
+                out[n][i] = grads[n][j]
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+@pytest.mark.parametrize("max_tokens", [10_000, 20])
+def test_hook_gradients_equal_one_backward_per_sequence(lora_model, max_tokens):
+    names = lora_names(lora_model)
+    prompts, responses = batch(1, 6)
+    hooked = gather(lora_model, prompts, responses, names, max_tokens)
+    params = dict(lora_model.named_parameters())
+    for i in range(len(prompts)):  # the slow path: each sequence alone, plain autograd
+        sc = score_sequences(
+            lora_model, [prompts[i]], [responses[i]], pad_token_id=PAD, temperature=1.0
+        )
+        grads = torch.autograd.grad(sc.logprob[0].sum(), [params[n] for n in names])
+        for n, g in zip(names, grads, strict=True):
+            torch.testing.assert_close(hooked[n][i], g.double(), atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("block", [1, 7, 100, 10_000])
+def test_blocked_kernel_equals_dense(block):
+    rng = np.random.default_rng(0)
+    g_e, g_u = (
+        torch.as_tensor(rng.normal(size=(5, 333))),
+        torch.as_tensor(rng.normal(size=(4, 333))),
+    )
+    torch.testing.assert_close(kernel_blocked(g_e, g_u, block), g_e @ g_u.T, atol=1e-10, rtol=1e-12)
+
+
+def test_reconstruction_identity(lora_model):
+    """K's coefficient-weighted row sums reproduce the aggregate first order (gradient part)."""
+    names = lora_names(lora_model)
+    params = dict(lora_model.named_parameters())
+    e_prompts, e_responses = batch(2, 7)
+    u_prompts, u_responses = batch(3, 8)
+    advantages = np.array([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.0, 0.3])
+    max_new = 6
+    rng = np.random.default_rng(4)
+    state = {
+        n: {
+            "exp_avg": torch.as_tensor(rng.normal(size=tuple(params[n].shape)) * 1e-3),
+            "exp_avg_sq": torch.as_tensor(rng.random(size=tuple(params[n].shape)) * 1e-5),
+            "step": 5.0,
+            "lr": 1e-3,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+            "weight_decay": 0.01,
+        }
+        for n in names
+    }
+    u_scores = score_sequences(
+        lora_model, u_prompts, u_responses, pad_token_id=PAD, temperature=1.0
+    )
+    loss = rl_loss(u_scores, advantages, "dr_grpo", max_new)
+    grads = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names]), strict=True))
+    step = replay_adamw({n: params[n].detach() for n in names}, grads, state)
+    e_scores = score_sequences(
+        lora_model, e_prompts, e_responses, pad_token_id=PAD, temperature=1.0
+    )
+    surrogate = first_order_surrogate(
+        e_scores, np.ones(7), "surprisal", per_token=False, leave_one_out=True
+    )
+    grad_h = dict(
+        zip(names, torch.autograd.grad(surrogate, [params[n] for n in names]), strict=True)
+    )
+    aggregate = dot(grad_h, step.gradient_part)
+
+    sqrt_p = {n: step.denominator[n].double().rsqrt() for n in names}  # √P, applied once per side
+    g_e = flatten_blocks(gather(lora_model, e_prompts, e_responses, names, 10_000), names, sqrt_p)
+    g_u = flatten_blocks(gather(lora_model, u_prompts, u_responses, names, 10_000), names, sqrt_p)
+    kernel = kernel_blocked(g_e, g_u, block=50)
+    s_eval = np.array([float(lp.sum()) for lp in e_scores.logprob])
+    t = 6.0
+    adam_factor = (1 - 0.9) / (1 - 0.9**t)
+    from_kernel, per_sequence = kernel_delta_h(
+        kernel, s_eval, advantages / (8 * max_new), adam_factor
+    )
+    assert from_kernel == pytest.approx(aggregate, rel=1e-6)
+    assert per_sequence[6] == 0.0 and abs(aggregate) > 1e-8  # zero advantage contributes nothing
+
+
+def test_sketch_error_shrinks_with_k():
+    rng = np.random.default_rng(0)
+    g_e, g_u = (
+        torch.as_tensor(rng.normal(size=(6, 4000))),
+        torch.as_tensor(rng.normal(size=(5, 4000))),
+    )
+    exact = g_e @ g_u.T
+    errors = []
+    for k in (16, 256, 4096):
+        sketch = jl_sketch(g_e, k, seed=1) @ jl_sketch(g_u, k, seed=1).T
+        errors.append(float((sketch - exact).norm() / exact.norm()))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 3 * errors[0] / np.sqrt(4096 / 16)  # ~1/√k

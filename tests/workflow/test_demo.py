@@ -1,0 +1,98 @@
+"""`make demo`'s DAG, unchanged, in a temporary folder: the claims the README makes about it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from entroflow.io import load_checked, read_token_file
+from tests.workflow.test_workflow import ROOT, snakemake
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    result = snakemake(
+        "--cores",
+        "2",
+        "--configfile",
+        str(ROOT / "config/config.yaml"),
+        "--directory",
+        str(work),
+        "--snakefile",
+        str(ROOT / "workflow/Snakefile"),
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return work
+
+
+@pytest.mark.workflow
+def test_demo_entropy_has_forking_structure(demo):
+    table = load_checked(demo / "results/demo/entropy.h5")
+    stats = json.loads((demo / "results/demo/stats.json").read_text())
+    assert table.n_responses == 128 * 8 and stats["n_tokens"] > 20_000
+    assert stats["fraction_below"]["0.1"] > 0.5  # most tokens are near-deterministic
+    top = (demo / "results/demo/top_tokens.csv").read_text()
+    high = [line.split(",")[2] for line in top.splitlines()[1:] if line.startswith("high")]
+    assert {"Wait", "Thus", "Therefore"} <= set(
+        high[:30]
+    )  # the corpus's forks are the forking tokens
+
+
+@pytest.mark.workflow
+def test_demo_training_reward_rises(demo):
+    rows = [
+        json.loads(x)
+        for x in (demo / "results/runs/demo/trace/manifest.jsonl").read_text().splitlines()
+    ]
+    reward = np.array([r["reward_mean"] for r in rows])
+    assert len(rows) == 30 and reward[-10:].mean() > reward[:10].mean() + 0.1
+
+
+@pytest.mark.workflow
+def test_demo_delta_h_linear_regime(demo):
+    names = [
+        "eta",
+        "delta_h_true",
+        "delta_h_true_sym",
+        "delta_h_first_order",
+        "stderr",
+        "ess",
+        "clip_fraction",
+    ]
+    for step in (10, 20, 30):
+        path = demo / f"results/runs/demo/delta_h/checkpoint-{step}.h5"
+        est = read_token_file(path, groups=[""])
+        for name in names:
+            assert est.groups[""][name].shape == (6,), name
+        e_batch = read_token_file(path, root="e_batch")
+        assert e_batch.n_responses == 256
+    first = read_token_file(demo / "results/runs/demo/delta_h/checkpoint-10.h5", groups=[""])
+    e, attrs = first.groups[""], first.attrs
+    assert 0.8 < attrs["loglog_slope"] < 1.3 and attrs["loglog_r2"] > 0.95
+    small = e["eta"] <= attrs["lr"] * (1 + 1e-9)
+    gap = np.abs(e["delta_h_first_order"] - e["delta_h_true"])[small]
+    assert np.all(gap <= 2 * e["stderr"][small])
+    for fig in (
+        "delta_h_loglog.png",
+        "delta_h_first_order.png",
+        "delta_h_checkpoints.png",
+        "training.png",
+    ):
+        assert (demo / "results/runs/demo/figures" / fig).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.workflow
+def test_demo_fisher_kernel_reconstructs_first_order(demo):
+    for step in (10, 20, 30):
+        kernel = read_token_file(
+            demo / f"results/runs/demo/fisher/checkpoint-{step}/kernel.h5", groups=[""]
+        )
+        k = kernel.groups[""]["K"]
+        assert k.shape[0] == 256 and k.shape[1] == len(kernel.groups[""]["u_advantage"])
+        assert kernel.attrs["identity_relative_error"] < 1e-4  # float32 gradient store
+        assert not (demo / f"results/runs/demo/fisher/checkpoint-{step}/gradients.h5.tmp").exists()
+    assert (demo / "results/runs/demo/figures/fisher_kernel.png").read_bytes()[:4] == b"\x89PNG"

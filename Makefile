@@ -39,6 +39,8 @@ format: venv
 bench: venv
 	test -d resources/models/demo || $(BIN)/snakemake resources/models/demo
 	$(BIN)/python bench/probe_overhead.py
+	test -f results/runs/demo/delta_h/checkpoint-10.h5 || $(BIN)/snakemake results/runs/demo/delta_h/checkpoint-10.h5
+	$(BIN)/python bench/delta_h_fisher_cost.py
 
 dry-run: venv
 	$(BIN)/snakemake -n --profile profiles/default

@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import torch
+from transformers.trainer_callback import PrinterCallback
 
 from entroflow.datasets import load_problems
 from entroflow.models import load_model, load_tokenizer
@@ -31,6 +32,7 @@ def seconds_per_step(model_dir: str, steps: int, mode: str) -> float:
         settings, load_model(model_dir), tokenizer, prompts_dataset(problems), out
     )
     trainer.args.save_strategy = "no"
+    trainer.remove_callback(PrinterCallback)
     if mode != "bare":
         EntropyMonitor.attach(trainer, trace_dir=f"{out}/trace", probe=(mode == "probe"))
     start = time.perf_counter()

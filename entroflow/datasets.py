@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from entroflow import arithmetic
+from entroflow.io import atomic_temp
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 MATH_TEMPLATE = "{problem}\n" + BOXED_INSTRUCTION.replace("{}", "{{}}")
@@ -184,8 +184,7 @@ def load_problems(name: str, entry: dict) -> pd.DataFrame:
 def write_parquet_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = atomic_temp(path)
     try:
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, path)

@@ -202,6 +202,20 @@ def first_order_surrogate(
     return surrogate
 
 
+def entropy_gradient(
+    model,
+    scores: SequenceScores,
+    weights: np.ndarray,
+    estimator: str,
+    per_token: bool,
+    leave_one_out: bool,
+) -> dict[str, torch.Tensor]:
+    """∇_θ H over the model's trainable parameters, by name (one backward of the surrogate)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    surrogate = first_order_surrogate(scores, weights, estimator, per_token, leave_one_out)
+    return dict(zip(params, torch.autograd.grad(surrogate, list(params.values())), strict=True))
+
+
 def rl_loss(
     scores: SequenceScores, advantages: np.ndarray, algorithm: str, max_new_tokens: int
 ) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from entroflow.adam import AdamStep, dot, replay_adamw
 from entroflow.delta_h import (
-    first_order_surrogate,
+    entropy_gradient,
     fit_loglog,
     functional_values,
     rl_loss,
@@ -30,7 +30,8 @@ from entroflow.delta_h import (
 )
 from entroflow.engines import SamplingParams
 from entroflow.engines.hf import HFEngine
-from entroflow.io import TokenTable, flatten, str_array
+from entroflow.io import TokenTable, flatten
+from entroflow.pipeline import generation_table
 from entroflow.training.rewards import correctness_rewards, format_rewards, group_advantages
 
 log = logging.getLogger(__name__)
@@ -74,30 +75,11 @@ def sample_batch(model, tokenizer, prompt_ids, rows, samples: int, run: RunShape
 
 
 def batch_table(problems, prompt_ids, rows, gens, tokenizer, extra: dict) -> TokenTable:
-    p_flat, p_off = flatten([prompt_ids[i] for i in rows], np.int32)
-    t_flat, t_off = flatten([g.token_ids for g in gens], np.int32)
-    eng, _ = flatten([g.engine_logprob for g in gens], np.float32)
-    texts = tokenizer.batch_decode([g.token_ids.tolist() for g in gens], skip_special_tokens=True)
-    return TokenTable(
-        groups={
-            "prompts": {
-                "text": str_array(problems["prompt"].iloc[rows]),
-                "answer": str_array(problems["answer"].iloc[rows]),
-                "offsets": p_off,
-                "token_ids": p_flat,
-                "dataset_index": np.asarray(rows, dtype=np.int32),
-            },
-            "responses": {
-                "offsets": t_off,
-                "prompt_index": np.asarray([g.prompt_row for g in gens], dtype=np.int32),
-                "sample_index": np.asarray([g.sample_index for g in gens], dtype=np.int32),
-                "finish_reason": str_array(g.finish_reason for g in gens),
-                "text": str_array(texts),
-                **extra,
-            },
-            "tokens": {"token_id": t_flat, "engine_logprob": eng},
-        }
-    )
+    """A sampled batch in the contract layout (the generation stage's table) plus extra columns."""
+    sub = problems.iloc[rows].reset_index(drop=True)
+    table = generation_table(sub, [prompt_ids[i] for i in rows], gens, tokenizer, rows, attrs={})
+    table.groups["responses"].update(extra)
+    return table
 
 
 def _with_scores(table: TokenTable, scores) -> TokenTable:
@@ -198,10 +180,9 @@ def estimate_delta_h(
     )
     h_old, s_old, lengths = functional_values(e_scores, settings.estimator)
     base = np.ones(len(e_gens))
-    surrogate = first_order_surrogate(
-        e_scores, base, settings.estimator, per_token, leave_one_out=True
+    grad_h = entropy_gradient(
+        model, e_scores, base, settings.estimator, per_token, leave_one_out=True
     )
-    grad_h = dict(zip(params, torch.autograd.grad(surrogate, list(params.values())), strict=True))
     slope = {
         "total": dot(grad_h, v),
         "gradient_part": dot(grad_h, step.gradient_part),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from entroflow.adam import dot
-from entroflow.delta_h import first_order_surrogate, score_sequences
+from entroflow.delta_h import entropy_gradient, score_sequences
 from entroflow.delta_h_run import RunShape, replay_step
 from entroflow.fisher import flatten_blocks, jl_sketch, kernel_delta_h, sequence_gradients
 from entroflow.io import TokenTable
@@ -118,7 +118,6 @@ def fisher_kernel_stage(
     sqrt_p = {n: step.denominator[n].double().rsqrt() for n in names}
 
     # The aggregate first order (surprisal, gradient part) without the kernel.
-    params = dict(model.named_parameters())
     e_scores = score_sequences(
         model,
         e_prompts,
@@ -127,11 +126,9 @@ def fisher_kernel_stage(
         temperature=run.temperature,
         accum_dtype=accum,
     )
-    surrogate = first_order_surrogate(
-        e_scores, np.ones(len(e_prompts)), "surprisal", per_token=False, leave_one_out=True
-    )
-    grad_h = dict(
-        zip(names, torch.autograd.grad(surrogate, [params[n] for n in names]), strict=True)
+    ones = np.ones(len(e_prompts))
+    grad_h = entropy_gradient(
+        model, e_scores, ones, "surprisal", per_token=False, leave_one_out=True
     )
     aggregate = dot(grad_h, step.gradient_part)
     s_eval = np.array([float(lp.detach().sum()) for lp in e_scores.logprob])

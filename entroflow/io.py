@@ -126,12 +126,21 @@ def _write_dataset(group: h5py.Group, name: str, values: np.ndarray) -> None:
     group.create_dataset(name, data=values, **kwargs)
 
 
+def atomic_temp(path: Path) -> str:
+    """A temporary file beside `path` with the mode a plain open() would give (mkstemp's is 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
 def write_token_file(path: str | os.PathLike, table: TokenTable) -> None:
     """Write atomically: a temporary file in the same folder, renamed into place when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = atomic_temp(path)
     try:
         with h5py.File(tmp, "w") as f:
             for gname, datasets in table.groups.items():

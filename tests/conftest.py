@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from entroflow.demo_model import corpus, train_tokenizer
+
+
+def _rms_norm_f64(self, x):
+    return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+def float64_norms(model):
+    """HF's RMSNorm computes in float32 even in a float64 model; oracles need it in float64."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    for module in model.modules():
+        if isinstance(module, Qwen3RMSNorm):
+            module.forward = types.MethodType(_rms_norm_f64, module)
+    return model
 
 
 @pytest.fixture(scope="session")

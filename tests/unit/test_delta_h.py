@@ -1,13 +1,11 @@
 """ΔH and δH₁ against an exact-enumeration oracle, and the AdamW replay against torch."""
 
 import itertools
-import types
 
 import numpy as np
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
-from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from entroflow.adam import dot, replay_adamw
 from entroflow.delta_h import (
@@ -19,6 +17,7 @@ from entroflow.delta_h import (
     shifted,
     snis_delta,
 )
+from tests.conftest import float64_norms
 
 VOCAB, EOS, PAD, MAX_LEN = 5, 4, 0, 3
 PROMPT = [1, 2]
@@ -41,16 +40,7 @@ def oracle_model():
     model = Qwen3ForCausalLM(config).double().eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # far from uniform
-    # HF's RMSNorm computes in float32 even in a float64 model; its rounding would dominate the
-    # finite differences below, so the oracle keeps it in float64.
-    for module in model.modules():
-        if isinstance(module, Qwen3RMSNorm):
-            module.forward = types.MethodType(_rms_norm_f64, module)
-    return model
-
-
-def _rms_norm_f64(self, x):
-    return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return float64_norms(model)  # float32 norms would dominate the finite differences below
 
 
 def all_sequences():

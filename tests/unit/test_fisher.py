@@ -1,13 +1,10 @@
 """Per-sequence gradients, the blocked kernel, its reconstruction identity, and the sketch."""
 
-import types
-
 import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen3Config, Qwen3ForCausalLM
-from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from entroflow.adam import dot, replay_adamw
 from entroflow.delta_h import first_order_surrogate, rl_loss, score_sequences
@@ -18,12 +15,9 @@ from entroflow.fisher import (
     kernel_delta_h,
     sequence_gradients,
 )
+from tests.conftest import float64_norms
 
 PAD = 0
-
-
-def _rms_norm_f64(self, x):
-    return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +34,7 @@ def lora_model():
         max_position_embeddings=64,
     )
     base = Qwen3ForCausalLM(config).double().eval()
-    for module in base.modules():
-        if isinstance(module, Qwen3RMSNorm):
-            module.forward = types.MethodType(_rms_norm_f64, module)
+    float64_norms(base)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():  # LoRA B starts at zero; give it values so every gradient is non-trivial
         for n, p in model.named_parameters():

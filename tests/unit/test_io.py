@@ -70,6 +70,7 @@ def test_round_trip_preserves_everything(tmp_path):
                 np.testing.assert_array_equal(got, values)
     assert back.attrs["model"] == "m" and back.attrs["temperature"] == 0.6
     assert "created" in back.attrs and back.attrs["contract_version"] == 1
+    assert path.stat().st_mode & 0o044 == 0o044  # readable by group and others, like open() makes
     with h5py.File(path) as f:
         assert f["tokens/entropy"].compression == "gzip"
         assert f["tokens/entropy"].chunks is not None

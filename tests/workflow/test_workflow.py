@@ -200,7 +200,11 @@ def test_demo_runs_end_to_end_and_writes_the_contract(tmp_path):
 def test_external_run_schedules_one_job_per_checkpoint_and_only_new_ones(tmp_path):
     ext = tmp_path / "someone-elses-run"
     for step in (5, 10):
-        (ext / f"checkpoint-{step}").mkdir(parents=True)
+        folder = ext / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "optimizer.pt").touch()
+        (folder / "optimizer_param_names.json").touch()
+    (ext / "checkpoint-7").mkdir()  # no optimizer state: evaluated, but no ΔH / kernel
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     cfg["experiments"] = {}
     cfg["runs"] = {
@@ -208,37 +212,62 @@ def test_external_run_schedules_one_job_per_checkpoint_and_only_new_ones(tmp_pat
             "model": "demo",
             "checkpoints": str(ext / "checkpoint-*"),
             "eval": {"dataset": "arithmetic_eval"},
+            "delta_h": {"enabled": True, "dataset": "arithmetic_train"},
+            "fisher": {"enabled": True},
         }
     }
     config = tmp_path / "ext.yaml"
     config.write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
     args = (
         "--configfile",
         str(config),
         "--directory",
-        str(tmp_path / "work"),
+        str(work),
         "--snakefile",
         str(ROOT / "workflow/Snakefile"),
     )
     first = snakemake("-n", *args)
     assert first.returncode == 0, first.stderr
     counts = job_counts(first.stdout)
-    assert counts["evaluate_checkpoint"] == 2 and "train_policy" not in counts
+    assert "train_policy" not in counts
+    assert counts["evaluate_checkpoint"] == 3
+    assert counts["estimate_delta_h"] == 2 and counts["compute_fisher_kernel"] == 2
+    assert "checkpoint-7: no optimizer.pt" in first.stdout + first.stderr
     # Pretend everything ran: create the outputs, then let --touch order their times.
-    work = tmp_path / "work"
     (work / "resources/models/demo").mkdir(parents=True)
     (work / "resources/datasets").mkdir(parents=True)
-    (work / "resources/datasets/arithmetic_eval.parquet").touch()
-    (work / "results/runs/ext/eval").mkdir(parents=True)
-    for name in ("checkpoint-5.json", "checkpoint-10.json", "table.csv", "table.md"):
-        (work / "results/runs/ext/eval" / name).touch()
+    for name in ("arithmetic_eval", "arithmetic_train"):
+        (work / f"resources/datasets/{name}.parquet").touch()
+    outputs = [f"eval/checkpoint-{s}.json" for s in (5, 7, 10)] + [
+        "eval/table.csv",
+        "eval/table.md",
+    ]
+    outputs += [f"delta_h/checkpoint-{s}.h5" for s in (5, 10)]
+    outputs += [f"fisher/checkpoint-{s}/kernel.h5" for s in (5, 10)]
+    outputs += [
+        f"figures/{f}.png"
+        for f in ("delta_h_loglog", "delta_h_first_order", "delta_h_checkpoints", "fisher_kernel")
+    ]
+    for out in outputs:
+        path = work / "results/runs/ext" / out
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
     assert snakemake("--touch", "--cores", "1", *args).returncode == 0
-    (ext / "checkpoint-15").mkdir()
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake("-n", *args))
+    new = ext / "checkpoint-15"
+    new.mkdir()
+    (new / "optimizer.pt").touch()
+    (new / "optimizer_param_names.json").touch()
     second = snakemake("-n", *args)
     assert second.returncode == 0, second.stderr
     assert job_counts(second.stdout) == {
         "evaluate_checkpoint": 1,
+        "estimate_delta_h": 1,
+        "compute_fisher_kernel": 1,
         "summarize_evaluation": 1,
+        "plot_delta_h": 1,
+        "analyze_fisher_kernel": 1,
         "all": 1,
-        "total": 3,
+        "total": 7,
     }

@@ -117,9 +117,9 @@ def small_demo_config(tmp_path: Path) -> Path:
     run = cfg["runs"]["demo"]
     run.update(steps=4, save_every=2, group_size=4, prompts_per_step=2, max_new_tokens=24)
     run["eval"].update(samples_per_prompt=2, k=[1, 2], seeds=[0], max_new_tokens=24)
-    run["delta_h"]["enabled"] = (
-        False  # test_demo.py covers ΔH on the real demo (this model is too weak)
-    )
+    # test_demo.py covers ΔH and the kernel on the real demo; this model is too weak for them.
+    run["delta_h"]["enabled"] = False
+    run["fisher"]["enabled"] = False
     path = tmp_path / "demo-small.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -30,6 +30,10 @@ def test_defaults_are_filled():
     assert cfg["models"]["demo"]["dtype"] == "auto"
 
 
+def RUN(**entry):  # noqa: N802 - reads as a table row
+    return mutated(["runs", "r"], {"model": "demo", "dataset": "arith", **entry})
+
+
 def mutated(path, value):
     cfg = copy.deepcopy(BASE)
     *parents, last = path
@@ -76,6 +80,20 @@ def mutated(path, value):
         (
             mutated(["experiments", "e", "engine"], "vllm"),
             "experiments.e.engine: 'vllm' is not one of",
+        ),
+        ({**BASE, "experiments": {}}, "nothing to do"),
+        (mutated(["runs", "r"], {"model": "demo"}), "give a training 'dataset', or 'checkpoints'"),
+        (RUN(steps=7, save_every=2), "multiple of save_every"),
+        (RUN(eval={"k": [8]}), "exceed samples_per_prompt"),
+        (RUN(model="gpt"), "runs.r.model: unknown model 'gpt'"),
+        (RUN(eval={"dataset": "aime"}), "runs.r.eval.dataset: unknown dataset 'aime'"),
+        (RUN(fisher={"enabled": True}), "needs delta_h enabled"),
+        (
+            mutated(
+                ["runs", "r"],
+                {"model": "demo", "checkpoints": "/x/checkpoint-*", "delta_h": {"enabled": True}},
+            ),
+            "delta_h.dataset: needed for an external run",
         ),
     ],
 )

@@ -22,8 +22,8 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -m "not slow"
 
-test-slow: venv
-	$(BIN)/python -m pytest -m slow
+test-slow: venv  # exit 5 = no slow tests collected (none exist yet), not a failure
+	$(BIN)/python -m pytest -m slow || test $$? -eq 5
 
 lint: venv
 	$(BIN)/snakemake --lint

@@ -170,14 +170,18 @@ def estimate_delta_h(
     # E-batch at θ (with grad): values and the first-order slope ⟨∇H, v⟩.
     e_prompts = [prompt_ids[e_rows[g.prompt_row]] for g in e_gens]
     e_responses = [g.token_ids for g in e_gens]
-    e_scores = score_sequences(
-        model,
-        e_prompts,
-        e_responses,
-        pad_token_id=pad,
-        temperature=run.temperature,
-        accum_dtype=accum,
-    )
+
+    def score_e_batch():  # the same sequences and settings at θ and at every shifted θ ± ηv
+        return score_sequences(
+            model,
+            e_prompts,
+            e_responses,
+            pad_token_id=pad,
+            temperature=run.temperature,
+            accum_dtype=accum,
+        )
+
+    e_scores = score_e_batch()
     h_old, s_old, lengths = functional_values(e_scores, settings.estimator)
     base = np.ones(len(e_gens))
     grad_h = entropy_gradient(
@@ -201,14 +205,7 @@ def estimate_delta_h(
             results = []
             for sign in (1.0, -1.0):
                 with shifted(model, v, sign * eta):
-                    new = score_sequences(
-                        model,
-                        e_prompts,
-                        e_responses,
-                        pad_token_id=pad,
-                        temperature=run.temperature,
-                        accum_dtype=accum,
-                    )
+                    new = score_e_batch()
                 h_new, s_new, _ = functional_values(new, settings.estimator)
                 results.append(
                     snis_delta(

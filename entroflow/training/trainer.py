@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from entroflow.scoring import batch_scores, token_budget_batches
+from entroflow.delta_h import score_sequences
 from entroflow.training.maxent import (
     MaxEntController,
     maxent_advantages,
@@ -80,19 +80,16 @@ class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
     def _sequence_logprobs(self, prompt_ids, completion_ids) -> np.ndarray:
         """S(y) = Σ_t log π(y_t | ...) of each completion under the current model, at T = 1."""
         out = np.zeros(len(completion_ids))
-        keep = [i for i, c in enumerate(completion_ids) if c]
-        lengths = [len(prompt_ids[i]) + len(completion_ids[i]) for i in keep]
-        for batch in token_budget_batches(lengths, 8192):
-            idx = [keep[j] for j in batch]
-            _, lp = batch_scores(
-                self.model,
-                [prompt_ids[i] for i in idx],
-                [completion_ids[i] for i in idx],
-                pad_token_id=self.processing_class.pad_token_id,
-            )
-            ends = np.cumsum([len(completion_ids[i]) for i in idx])
-            sums = np.add.reduceat(lp.double().cpu().numpy(), np.r_[0, ends[:-1]])
-            out[idx] = sums
+        keep = [i for i, c in enumerate(completion_ids) if c]  # an empty completion has S = 0
+        scores = score_sequences(
+            self.model,
+            [prompt_ids[i] for i in keep],
+            [completion_ids[i] for i in keep],
+            pad_token_id=self.processing_class.pad_token_id,
+            temperature=1.0,
+            accum_dtype=torch.float32,
+        )
+        out[keep] = [float(lp.double().sum()) for lp in scores.logprob]
         return out
 
     def _generate_and_score_completions(self, inputs):

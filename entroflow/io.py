@@ -26,6 +26,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from entroflow.errors import EntroflowError
+from entroflow.journal import fsync_path
+
 STRING = h5py.string_dtype("utf-8")
 CONTRACT_VERSION = 1
 
@@ -49,7 +52,7 @@ REQUIRED = {
 }
 
 
-class ContractError(ValueError):
+class ContractError(EntroflowError):
     """A token file does not follow the HDF5 contract."""
 
 
@@ -154,6 +157,7 @@ def write_token_file(path: str | os.PathLike, table: TokenTable) -> None:
             }
             for key, value in attrs.items():
                 f.attrs[key] = "" if value is None else value
+        fsync_path(tmp)  # complete on disk before it takes the final name
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

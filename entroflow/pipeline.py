@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from importlib import metadata
 
@@ -16,14 +17,17 @@ import pandas as pd
 
 from entroflow.answers import is_correct
 from entroflow.engines import Engine, SamplingParams
+from entroflow.engines.base import Generation
 from entroflow.entropy import ENTROPY_CONVENTION
+from entroflow.errors import EntroflowError
 from entroflow.io import TokenTable, flatten, str_array, vocab_group
+from entroflow.journal import BatchJournal, fingerprint, folder_fingerprint
 from entroflow.scoring import score_responses
 
 log = logging.getLogger(__name__)
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(EntroflowError):
     pass
 
 
@@ -105,6 +109,33 @@ def generation_table(
     )
 
 
+def _generations_to_arrays(generations: Sequence[Generation]) -> dict[str, np.ndarray]:
+    tokens, offsets = flatten([g.token_ids for g in generations], np.int32)
+    logprobs, _ = flatten([g.engine_logprob for g in generations], np.float32)
+    return {
+        "prompt_row": np.asarray([g.prompt_row for g in generations], dtype=np.int64),
+        "sample_index": np.asarray([g.sample_index for g in generations], dtype=np.int64),
+        "finish_reason": np.asarray([g.finish_reason for g in generations], dtype="U8"),
+        "offsets": offsets,
+        "token_ids": tokens,
+        "engine_logprob": logprobs,
+    }
+
+
+def _arrays_to_generations(saved: dict[str, np.ndarray]) -> list[Generation]:
+    off = saved["offsets"]
+    return [
+        Generation(
+            int(saved["prompt_row"][i]),
+            int(saved["sample_index"][i]),
+            saved["token_ids"][off[i] : off[i + 1]],
+            str(saved["finish_reason"][i]),
+            saved["engine_logprob"][off[i] : off[i + 1]],
+        )
+        for i in range(len(off) - 1)
+    ]
+
+
 def generate_shard(
     problems: pd.DataFrame,
     prompt_ids: Sequence[Sequence[int]],
@@ -116,16 +147,38 @@ def generate_shard(
     context: int | None = None,
     attrs: dict | None = None,
     progress=None,
+    prompts_per_batch: int = 8,
+    journal: BatchJournal | None = None,
 ) -> TokenTable:
-    """Sample `params.samples_per_prompt` responses for this shard's prompts."""
+    """Sample `params.samples_per_prompt` responses for this shard's prompts.
+
+    Prompts go to the engine `prompts_per_batch` at a time; batch b is seeded from the seed and
+    its first prompt's row in the dataset, so the result depends on neither the engine's own
+    batching nor on where a preempted run stopped. With a `journal`, finished batches are saved
+    and a rerun continues after the last saved one.
+    """
     rows = shard_rows(len(problems), shard, n_shards)
     sub = problems.iloc[rows].reset_index(drop=True)
     sub_ids = [prompt_ids[i] for i in rows]
     check_prompt_lengths(sub_ids, list(sub["id"]), context, params.max_new_tokens)
-    # The seed depends on the shard's first prompt row, so shard files differ from each other.
-    first_row = int(rows[0]) if len(rows) else 0
-    shard_params = dataclasses.replace(params, seed=params.seed + 7919 * first_row)
-    generations = engine.generate(sub_ids, shard_params, progress=progress) if len(rows) else []
+    generations: list[Generation] = []
+    t0 = time.perf_counter()
+    starts = range(0, len(rows), max(1, prompts_per_batch))
+    for index, start in enumerate(starts):
+        saved = journal.load(index) if journal is not None else None
+        if saved is None:
+            batch_ids = sub_ids[start : start + prompts_per_batch]
+            seed = dataclasses.replace(params, seed=params.seed + 7919 * int(rows[start]))
+            batch = engine.generate(batch_ids, seed)
+            for g in batch:
+                g.prompt_row += start
+            if journal is not None:
+                journal.save(index, _generations_to_arrays(batch))
+        else:
+            batch = _arrays_to_generations(saved)
+        generations += batch
+        if progress is not None:
+            progress(min(start + prompts_per_batch, len(rows)), len(rows), time.perf_counter() - t0)
     meta = {
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -135,10 +188,32 @@ def generate_shard(
         "seed": params.seed,
         "shard": shard,
         "n_shards": n_shards,
+        "prompts_per_batch": prompts_per_batch,
         **package_versions(),
         **(attrs or {}),
     }
     return generation_table(sub, sub_ids, generations, tokenizer, rows, meta)
+
+
+def generation_key(prompt_ids: Sequence[Sequence[int]], model_dir: str, settings: dict) -> str:
+    """What a generation shard's saved batches depend on: prompts, model files, settings."""
+    flat, offsets = flatten(prompt_ids, np.int64)
+    return fingerprint("generate", flat, offsets, folder_fingerprint(model_dir), settings)
+
+
+def scoring_key(table: TokenTable, model_dir: str, settings: dict) -> str:
+    """What a scoring job's saved batches depend on: the tokens to score, model files, settings."""
+    arrays = [
+        table[name]
+        for name in (
+            "prompts/token_ids",
+            "prompts/offsets",
+            "responses/offsets",
+            "responses/prompt_index",
+            "tokens/token_id",
+        )
+    ]
+    return fingerprint("score", *arrays, folder_fingerprint(model_dir), settings)
 
 
 def score_table(
@@ -149,8 +224,9 @@ def score_table(
     max_tokens_per_batch: int = 16384,
     chunk_rows: int = 1024,
     progress=None,
+    journal: BatchJournal | None = None,
 ) -> TokenTable:
-    """Add tokens/entropy and tokens/logprob from one teacher-forced pass."""
+    """Add tokens/entropy and tokens/logprob from one teacher-forced pass (resumable with a journal)."""
     prompts = [table.prompt_tokens(int(p)) for p in table["responses/prompt_index"]]
     responses = [table.response_tokens(i) for i in range(table.n_responses)]
     scored = score_responses(
@@ -162,6 +238,7 @@ def score_table(
         max_tokens_per_batch=max_tokens_per_batch,
         chunk_rows=chunk_rows,
         progress=progress,
+        journal=journal,
     )
     entropy, _ = flatten([s.entropy for s in scored], np.float32)
     logprob, _ = flatten([s.logprob for s in scored], np.float32)

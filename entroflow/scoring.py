@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from entroflow.entropy import entropy_and_logprob
+from entroflow.journal import BatchJournal
 
 
 @dataclass
@@ -147,10 +148,13 @@ def score_responses(
     chunk_rows: int = 1024,
     accum_dtype: torch.dtype = torch.float32,
     progress: Callable[[int, int, float], None] | None = None,
+    journal: BatchJournal | None = None,
 ) -> list[ScoredResponse]:
     """Entropy and log-prob of every response token under softmax(logits / temperature).
 
-    `progress(done_tokens, total_tokens, seconds)` is called after each batch.
+    `progress(done_tokens, total_tokens, seconds)` is called after each batch. With a `journal`
+    each batch's values are saved as soon as they exist and saved batches are not recomputed
+    (the batch plan depends only on the lengths and the token budget).
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -161,21 +165,28 @@ def score_responses(
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     total = sum(len(r) for r in responses)
     done, t0 = 0, time.perf_counter()
-    for batch in token_budget_batches(lengths, max_tokens_per_batch):
+    for index, batch in enumerate(token_budget_batches(lengths, max_tokens_per_batch)):
         scored = [i for i in batch if len(responses[i])]
         if not scored:
             continue
-        entropy, logprob = batch_scores(
-            model,
-            [prompts[i] for i in scored],
-            [responses[i] for i in scored],
-            pad_token_id=pad_token_id,
-            temperature=temperature,
-            chunk_rows=chunk_rows,
-            accum_dtype=accum_dtype,
-        )
-        entropy_np = entropy.float().cpu().numpy()
-        logprob_np = logprob.float().cpu().numpy()
+        saved = journal.load(index) if journal is not None else None
+        if saved is None:
+            entropy, logprob = batch_scores(
+                model,
+                [prompts[i] for i in scored],
+                [responses[i] for i in scored],
+                pad_token_id=pad_token_id,
+                temperature=temperature,
+                chunk_rows=chunk_rows,
+                accum_dtype=accum_dtype,
+            )
+            saved = {
+                "entropy": entropy.float().cpu().numpy(),
+                "logprob": logprob.float().cpu().numpy(),
+            }
+            if journal is not None:
+                journal.save(index, saved)
+        entropy_np, logprob_np = saved["entropy"], saved["logprob"]
         offset = 0
         for i in scored:
             n = len(responses[i])

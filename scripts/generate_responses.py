@@ -1,13 +1,19 @@
-"""Rule generate_responses: sample this shard's responses -> shards/generated.{i}-of-{n}.h5."""
+"""Rule generate_responses: sample this shard's responses -> shards/generated.{i}-of-{n}.h5.
+
+Finished batches are saved under `<output>.partial/`; a rerun after preemption continues there.
+"""
+
+import dataclasses
 
 import torch
 
 from entroflow.datasets import read_problems
 from entroflow.engines import SamplingParams, get_engine
 from entroflow.io import write_token_file
+from entroflow.journal import BatchJournal, journal_folder
 from entroflow.logs import ProgressLog, setup_logging
 from entroflow.models import context_length, encode_prompts, load_model, load_tokenizer
-from entroflow.pipeline import generate_shard
+from entroflow.pipeline import generate_shard, generation_key
 
 log = setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
@@ -26,6 +32,18 @@ prompt_ids = encode_prompts(
 )
 engine = get_engine(gen["engine"], model=model, tokenizer=tokenizer, batch_size=gen["batch_size"])
 params = SamplingParams(**gen["sampling"])
+# One engine batch of sequences per saved batch.
+prompts_per_batch = max(1, gen["batch_size"] // params.samples_per_prompt)
+settings = {
+    "params": dataclasses.asdict(params),
+    "shard": [shard, n_shards],
+    "prompts_per_batch": prompts_per_batch,
+    "engine": gen["engine"],
+    "dtype": model_cfg["dtype"],
+}
+journal = BatchJournal(
+    journal_folder(snakemake.output[0]), generation_key(prompt_ids, model_dir, settings)
+)
 log.info("shard %d of %d, %s", shard + 1, n_shards, params)
 table = generate_shard(
     problems,
@@ -45,6 +63,9 @@ table = generate_shard(
         "device": str(next(model.parameters()).device),
     },
     progress=ProgressLog("generated", "prompts", log),
+    prompts_per_batch=prompts_per_batch,
+    journal=journal,
 )
 write_token_file(snakemake.output[0], table)
+journal.remove()
 log.info("wrote %d responses, %d tokens", table.n_responses, table.n_tokens)

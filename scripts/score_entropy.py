@@ -1,12 +1,16 @@
-"""Rule score_entropy: exact entropy + log-prob of every generated token -> shards/scored.*.h5."""
+"""Rule score_entropy: exact entropy + log-prob of every generated token -> shards/scored.*.h5.
+
+Finished batches are saved under `<output>.partial/`; a rerun after preemption continues there.
+"""
 
 import numpy as np
 import torch
 
 from entroflow.io import load_checked, write_token_file
+from entroflow.journal import BatchJournal, journal_folder
 from entroflow.logs import ProgressLog, setup_logging
 from entroflow.models import load_model, load_tokenizer
-from entroflow.pipeline import score_table
+from entroflow.pipeline import score_table, scoring_key
 
 log = setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
@@ -14,14 +18,20 @@ table = load_checked(snakemake.input.generated, require_scores=False)
 tokenizer = load_tokenizer(snakemake.input.model)
 model = load_model(snakemake.input.model, dtype=snakemake.params.model["dtype"])
 scoring = snakemake.params.scoring
+temperature = float(snakemake.params.temperature)
+settings = {"temperature": temperature, "dtype": snakemake.params.model["dtype"], **scoring}
+journal = BatchJournal(
+    journal_folder(snakemake.output[0]), scoring_key(table, snakemake.input.model, settings)
+)
 scored = score_table(
     table,
     model,
     pad_token_id=tokenizer.pad_token_id,
-    temperature=float(snakemake.params.temperature),
+    temperature=temperature,
     max_tokens_per_batch=scoring["max_tokens_per_batch"],
     chunk_rows=scoring["chunk_rows"],
     progress=ProgressLog("scored", "tokens", log),
+    journal=journal,
 )
 eng, ours = scored["tokens/engine_logprob"], scored["tokens/logprob"]
 finite = np.isfinite(eng)
@@ -33,4 +43,5 @@ if finite.any():
         gap.mean(),
     )
 write_token_file(snakemake.output[0], scored)
+journal.remove()
 log.info("wrote %s", snakemake.output[0])

@@ -20,8 +20,13 @@ BIN = Path(sys.executable).parent
 CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
 
 
-def snakemake(*args, cwd=ROOT, timeout=900):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+def snakemake(*args, cwd=ROOT, timeout=900, env=None):
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
     return subprocess.run(
         [str(BIN / "snakemake"), *args],
         cwd=cwd,

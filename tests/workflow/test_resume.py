@@ -1,0 +1,132 @@
+"""Preemption: generation and scoring jobs SIGKILLed part-way through a real Snakemake run resume
+from their saved batches on the retry, and the final files equal an uninterrupted run's."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import make_tiny_model
+from tests.workflow.test_workflow import ROOT, snakemake
+
+# Imported by every Python process of the killed run (PYTHONPATH): after the N-th saved batch of
+# a job, the job's process SIGKILLs itself once (a marker file per job keeps the retry alive).
+KILLER = textwrap.dedent(
+    """
+    import os, signal
+    from pathlib import Path
+    if os.environ.get("ENTROFLOW_KILL_AFTER_SAVES"):
+        from entroflow.journal import BatchJournal
+
+        _save = BatchJournal.save
+
+        def save(self, index, arrays):
+            _save(self, index, arrays)
+            mark = Path(os.environ["ENTROFLOW_KILL_MARKS"]) / self.folder.name
+            saved = len(list(self.folder.glob("batch-*.npz")))
+            if saved >= int(os.environ["ENTROFLOW_KILL_AFTER_SAVES"]) and not mark.exists():
+                mark.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        BatchJournal.save = save
+    """
+)
+
+TARGET = "results/x/shards/scored.0-of-1.h5"
+
+
+def read_all(path):
+    """Every dataset and attribute of an HDF5 file, except the creation time."""
+    out = {}
+    with h5py.File(path) as f:
+        f.visititems(
+            lambda name, obj: (
+                out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+        out["attrs"] = {k: v for k, v in f.attrs.items() if k != "created"}
+    return out
+
+
+@pytest.mark.workflow
+def test_killed_generation_and_scoring_resume_to_the_same_files(tmp_path, tiny_tokenizer):
+    model_dir = tmp_path / "tiny-model"
+    make_tiny_model(tiny_tokenizer, seed=6).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    cfg = {
+        "datasets": {"arith": {"preset": "arithmetic", "n": 12}},
+        "models": {"tiny": {"source": "local", "path": str(model_dir)}},
+        "experiments": {
+            "x": {
+                "model": "tiny",
+                "dataset": "arith",
+                "shards": 1,
+                "batch_size": 4,  # 2 prompts x 2 samples per saved batch: 6 batches
+                "sampling": {"max_new_tokens": 16, "samples_per_prompt": 2, "seed": 3},
+            }
+        },
+        "scoring": {"max_tokens_per_batch": 64},  # a few responses per scoring batch
+    }
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    def run(work, *extra, env=None):
+        return snakemake(
+            TARGET,
+            "--cores",
+            "1",
+            *extra,
+            "--configfile",
+            str(config),
+            "--directory",
+            str(work),
+            "--snakefile",
+            str(ROOT / "workflow/Snakefile"),
+            env=env,
+        )
+
+    plain = run(tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+
+    hooks, marks = tmp_path / "hooks", tmp_path / "marks"
+    hooks.mkdir()
+    marks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILLER)
+    pythonpath = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p)
+    env = {
+        "PYTHONPATH": pythonpath,
+        "ENTROFLOW_KILL_AFTER_SAVES": "2",
+        "ENTROFLOW_KILL_MARKS": str(marks),
+    }
+    work = tmp_path / "killed"
+    killed = run(work, "--retries", "1", env=env)
+    out = killed.stdout + killed.stderr
+    assert killed.returncode == 0, out[-4000:]
+    # Both jobs were killed once, mid-way, and their retries resumed from the saved batches.
+    assert sorted(p.name for p in marks.iterdir()) == [
+        "generated.0-of-1.h5.partial",
+        "scored.0-of-1.h5.partial",
+    ]
+    assert out.count("Trying to restart job") == 2, out[-4000:]
+    for name in ("generate_responses", "score_entropy"):
+        log = (work / f"logs/{name}/x.0-of-1.log").read_text()
+        assert "resuming: 2 batches already saved" in log, log
+    assert not list((work / "results/x/shards").glob("*.partial"))
+
+    for name in ("generated.0-of-1.h5", "scored.0-of-1.h5"):
+        expected = read_all(tmp_path / "plain/results/x/shards" / name)
+        got = read_all(work / "results/x/shards" / name)
+        assert expected.keys() == got.keys()
+        assert expected.pop("attrs") == got.pop("attrs")
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{name}:{key}")
+    responses = read_all(work / "results/x/shards/scored.0-of-1.h5")
+    pairs = sorted(
+        zip(responses["responses/prompt_index"], responses["responses/sample_index"], strict=True)
+    )
+    assert pairs == [(p, s) for p in range(12) for s in range(2)]  # none lost or duplicated

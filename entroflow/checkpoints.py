@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
+from entroflow.errors import EntroflowError
 from entroflow.models import load_model
 from entroflow.training.trainer import PARAM_NAMES_FILE
 
 STEP = re.compile(r"checkpoint-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EntroflowError):
     """A checkpoint folder lacks something an analysis needs; the message names the folder."""
 
 

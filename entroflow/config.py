@@ -13,12 +13,13 @@ import jsonschema
 import yaml
 
 from entroflow.datasets import DatasetError, resolve_entry
+from entroflow.errors import EntroflowError
 from entroflow.models import ModelError, check_model_path
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(EntroflowError):
     pass
 
 

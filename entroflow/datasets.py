@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from entroflow import arithmetic
+from entroflow.errors import EntroflowError
 from entroflow.io import atomic_temp
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -76,7 +77,7 @@ ENTRY_DEFAULTS = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(EntroflowError):
     """A dataset entry cannot be resolved or loaded; the message names the dataset."""
 
 
@@ -135,12 +136,12 @@ def _load_records(name: str, entry: dict):
         raise DatasetError(
             f"dataset '{name}': cannot read '{path.suffix}' files; use one of {', '.join(LOCAL_FORMATS)}"
         )
+    if path.stat().st_size == 0:
+        raise DatasetError(f"dataset '{name}' is empty ({path})")
     try:
         return datasets.load_dataset(fmt, data_files=str(path), split="train")
-    except (
-        ValueError
-    ) as err:  # e.g. 'Instruction "train" corresponds to no data!' for an empty file
-        raise DatasetError(f"dataset '{name}' is empty or unreadable ({path}): {err}") from err
+    except (ValueError, StopIteration) as err:  # e.g. a file with only blank lines
+        raise DatasetError(f"dataset '{name}' is empty or unreadable ({path}): {err!r}") from err
 
 
 def load_problems(name: str, entry: dict) -> pd.DataFrame:

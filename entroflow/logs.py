@@ -7,6 +7,8 @@ import sys
 import time
 import warnings
 
+from entroflow.errors import EntroflowError
+
 
 def setup_logging(log_path: str | None = None, level: int = logging.INFO) -> logging.Logger:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -22,7 +24,17 @@ def setup_logging(log_path: str | None = None, level: int = logging.INFO) -> log
     warnings.filterwarnings("once")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    sys.excepthook = report_uncaught
     return logging.getLogger("entroflow")
+
+
+def report_uncaught(exc_type, exc, tb) -> None:
+    """Bad input (an EntroflowError) becomes one readable line; anything else keeps its traceback."""
+    log = logging.getLogger("entroflow")
+    if issubclass(exc_type, EntroflowError):
+        log.error("%s", exc)
+    else:
+        log.error("unexpected error", exc_info=(exc_type, exc, tb))
 
 
 class ProgressLog:

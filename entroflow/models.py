@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from entroflow.errors import EntroflowError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {
@@ -17,7 +19,7 @@ DTYPES = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(EntroflowError):
     """A model entry cannot be loaded; the message names it."""
 
 

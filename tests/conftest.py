@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny models built in the test session, never downloaded."""
+"""Shared fixtures: tiny models built in the test session (never downloaded), and the demo run."""
 
 from __future__ import annotations
 
+import os
 import types
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +57,61 @@ def make_tiny_model(tokenizer, seed: int = 0, dtype=torch.float32, hidden: int =
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
     return make_tiny_model(tiny_tokenizer)
+
+
+@dataclass
+class DemoRun:
+    work: Path  # the --directory of the run
+    scheduler: str  # "slurm" or "local"
+    why_local: str = ""  # why no Slurm cluster was used
+    jobs: list[dict[str, str]] = field(default_factory=list)  # Slurm's record of every job
+
+
+# Cluster-size knobs for the one-node test cluster (the profile's defaults are sized for real
+# GPU nodes); status polling every 2 s instead of the plugin's production pace.
+SLURM_TEST_ARGS = (
+    "--default-resources",
+    "mem_mb=3000",
+    "runtime=60",
+    "--set-resources",
+    "generate_responses:mem_mb=3000",
+    "score_entropy:mem_mb=3000",
+    "--slurm-init-seconds-before-status-checks",
+    "1",
+    "--seconds-between-status-checks",
+    "2",
+)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """`make demo`'s DAG with the unchanged config, run once per test session: through
+    `--profile profiles/slurm` on a real local Slurm cluster where one can be started (root and
+    Debian's packages; ENTROFLOW_TEST_SLURM=0 opts out), else with the local executor."""
+    from tests.slurm.cluster import LocalSlurm, unavailable_reason
+    from tests.workflow.test_workflow import ROOT, snakemake
+
+    work = tmp_path_factory.mktemp("demo")
+    args = (
+        "--configfile",
+        str(ROOT / "config/config.yaml"),
+        "--directory",
+        str(work),
+        "--snakefile",
+        str(ROOT / "workflow/Snakefile"),
+    )
+    why_local = (
+        "ENTROFLOW_TEST_SLURM=0"
+        if os.environ.get("ENTROFLOW_TEST_SLURM") == "0"
+        else unavailable_reason()
+    )
+    if why_local:
+        result = snakemake("--cores", "2", *args, timeout=1800)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        return DemoRun(work, "local", why_local)
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as cluster:
+        profile = ("--profile", str(ROOT / "profiles/slurm"))
+        result = snakemake(*profile, *SLURM_TEST_ARGS, *args, timeout=2700)
+        jobs = cluster.jobs()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return DemoRun(work, "slurm", jobs=jobs)

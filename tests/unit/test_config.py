@@ -1,11 +1,14 @@
 """Config schema + cross-references: defaults filled, each bad input named in one error."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
 
 from entroflow.config import ConfigError, load_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE = {
     "datasets": {"arith": {"preset": "arithmetic"}},
@@ -112,9 +115,19 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 
 
 def test_shipped_configs_validate():
-    from pathlib import Path
-
-    for path in sorted(Path("config").glob("*.yaml")):
+    for path in sorted((ROOT / "config").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg["experiments"] or cfg["runs"], path
         yaml.safe_dump(cfg)
+
+
+def test_check_config_cli_names_file_and_line(tmp_path, capsys):
+    from entroflow.cli import main
+
+    bad = tmp_path / "c.yaml"
+    bad.write_text("datasets:\n  a: {preset: arithmetic\nmodels: {}\n")
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "malformed YAML" in err and "line 3" in err
+    assert main(["check-config", str(ROOT / "config/config.yaml")]) == 0
+    assert "config.yaml: ok (1 experiments, 1 runs" in capsys.readouterr().out

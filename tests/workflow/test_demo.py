@@ -8,25 +8,12 @@ import numpy as np
 import pytest
 
 from entroflow.io import load_checked, read_token_file
-from tests.workflow.test_workflow import ROOT, snakemake
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    work = tmp_path_factory.mktemp("demo")
-    result = snakemake(
-        "--cores",
-        "2",
-        "--configfile",
-        str(ROOT / "config/config.yaml"),
-        "--directory",
-        str(work),
-        "--snakefile",
-        str(ROOT / "workflow/Snakefile"),
-        timeout=1800,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return work
+def demo(demo_run):
+    """The demo's results folder (run once per session; see tests/conftest.py::demo_run)."""
+    return demo_run.work
 
 
 @pytest.mark.workflow

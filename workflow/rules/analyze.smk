@@ -9,6 +9,7 @@ rule analyze_entropy:
     conda:
         "../../envs/entroflow.yaml"
     params:
+        library=library("analyze_entropy"),
         analysis=config["analysis"],
     script:
         "../../scripts/analyze_entropy.py"
@@ -29,6 +30,8 @@ rule plot_entropy_histogram:
         "logs/plot_entropy_histogram/{experiment}.log",
     conda:
         "../../envs/entroflow.yaml"
+    params:
+        library=library("plot_entropy_histogram"),
     script:
         "../../scripts/plot_entropy_histogram.py"
 
@@ -53,6 +56,8 @@ rule plot_word_clouds:
         "logs/plot_word_clouds/{experiment}.log",
     conda:
         "../../envs/entroflow.yaml"
+    params:
+        library=library("plot_word_clouds"),
     script:
         "../../scripts/plot_word_clouds.py"
 
@@ -73,6 +78,7 @@ rule plot_entropy_by_position:
     conda:
         "../../envs/entroflow.yaml"
     params:
+        library=library("plot_entropy_by_position"),
         trajectories=config["analysis"]["trajectories"],
     script:
         "../../scripts/plot_entropy_by_position.py"
@@ -94,6 +100,7 @@ rule render_token_view:
     conda:
         "../../envs/entroflow.yaml"
     params:
+        library=library("render_token_view"),
         responses=config["analysis"]["token_view_responses"],
     script:
         "../../scripts/render_token_view.py"

@@ -2,6 +2,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from entroflow.code_version import library_fingerprint
 from entroflow.checkpoints import (
     CheckpointError,
     find_checkpoints,
@@ -22,6 +23,15 @@ FIGURES = [
 ]
 
 DEMO_MODEL_DIR = "resources/models/demo"
+
+
+def library(script):
+    """params.library: a hash of the code of the rule's script and the entroflow modules it
+    imports, so that a code edit reruns the rules running it (entroflow/code_version.py).
+    """
+    return library_fingerprint(
+        Path(workflow.basedir).parent / "scripts" / f"{script}.py"
+    )
 
 
 def get_final_output():
@@ -204,6 +214,13 @@ def get_run_model_settings(wildcards):
 
 def get_checkpoint(wildcards):
     return run_checkpoints(wildcards.run)[int(wildcards.step)]
+
+
+def get_optimizer_checkpoint_input(wildcards):
+    """As get_checkpoint_input, for rules that need the optimizer state: refused up front."""
+    if get_run(wildcards)["checkpoints"]:
+        require_optimizer_state(get_checkpoint(wildcards))
+    return get_checkpoint_input(wildcards)
 
 
 def get_checkpoint_input(wildcards):

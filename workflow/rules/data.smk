@@ -11,6 +11,7 @@ rule download_dataset:
     conda:
         "../../envs/entroflow.yaml"
     params:
+        library=library("download_dataset"),
         entry=get_dataset_entry,
     script:
         "../../scripts/download_dataset.py"
@@ -24,6 +25,7 @@ rule download_model:
     conda:
         "../../envs/entroflow.yaml"
     params:
+        library=library("download_model"),
         hub=get_hub_model,
     script:
         "../../scripts/download_model.py"
@@ -42,6 +44,7 @@ rule build_demo_model:
     resources:
         runtime=30,
     params:
+        library=library("build_demo_model"),
         settings=config["demo_model"],
     script:
         "../../scripts/build_demo_model.py"

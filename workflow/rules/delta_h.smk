@@ -1,6 +1,11 @@
+# Small summaries and figures run on the controller (a login node on a cluster), not as jobs.
+localrules:
+    plot_delta_h,
+
+
 rule estimate_delta_h:
     input:
-        checkpoint=get_checkpoint_input,
+        checkpoint=get_optimizer_checkpoint_input,
         problems=get_delta_h_problems,
         model=get_run_model_dir,
     output:
@@ -16,6 +21,7 @@ rule estimate_delta_h:
         gpu=1,
         runtime=240,
     params:
+        library=library("estimate_delta_h"),
         checkpoint=get_checkpoint,
         settings=get_delta_h_settings,
         model=get_run_model_settings,
@@ -49,5 +55,7 @@ rule plot_delta_h:
         "logs/plot_delta_h/{run}.log",
     conda:
         "../../envs/entroflow.yaml"
+    params:
+        library=library("plot_delta_h"),
     script:
         "../../scripts/plot_delta_h.py"

@@ -1,3 +1,8 @@
+# Small summaries and figures run on the controller (a login node on a cluster), not as jobs.
+localrules:
+    summarize_evaluation,
+
+
 rule evaluate_checkpoint:
     input:
         checkpoint=get_checkpoint_input,
@@ -16,6 +21,7 @@ rule evaluate_checkpoint:
         gpu=1,
         runtime=240,
     params:
+        library=library("evaluate_checkpoint"),
         checkpoint=get_checkpoint,
         eval=get_eval_settings,
         model=get_run_model_settings,
@@ -34,5 +40,7 @@ rule summarize_evaluation:
         "logs/summarize_evaluation/{run}.log",
     conda:
         "../../envs/entroflow.yaml"
+    params:
+        library=library("summarize_evaluation"),
     script:
         "../../scripts/summarize_evaluation.py"

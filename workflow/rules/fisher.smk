@@ -1,7 +1,12 @@
+# Small summaries and figures run on the controller (a login node on a cluster), not as jobs.
+localrules:
+    analyze_fisher_kernel,
+
+
 rule compute_fisher_kernel:
     input:
         delta_h="results/runs/{run}/delta_h/checkpoint-{step}.h5",
-        checkpoint=get_checkpoint_input,
+        checkpoint=get_optimizer_checkpoint_input,
         model=get_run_model_dir,
     output:
         "results/runs/{run}/fisher/checkpoint-{step}/kernel.h5",
@@ -16,6 +21,7 @@ rule compute_fisher_kernel:
         gpu=1,
         runtime=480,
     params:
+        library=library("compute_fisher_kernel"),
         checkpoint=get_checkpoint,
         settings=get_fisher_settings,
         model=get_run_model_settings,
@@ -38,5 +44,7 @@ rule analyze_fisher_kernel:
         "logs/analyze_fisher_kernel/{run}.log",
     conda:
         "../../envs/entroflow.yaml"
+    params:
+        library=library("analyze_fisher_kernel"),
     script:
         "../../scripts/analyze_fisher_kernel.py"

@@ -15,6 +15,7 @@ rule generate_responses:
         gpu=1,
         runtime=720,
     params:
+        library=library("generate_responses"),
         model=get_model_settings,
         generation=get_generation_settings,
     script:
@@ -38,6 +39,7 @@ rule score_entropy:
         gpu=1,
         runtime=240,
     params:
+        library=library("score_entropy"),
         model=get_model_settings,
         temperature=get_temperature,
         scoring=config["scoring"],
@@ -56,6 +58,7 @@ rule gather_entropy:
     conda:
         "../../envs/entroflow.yaml"
     params:
+        library=library("gather_entropy"),
         experiment="{experiment}",
     script:
         "../../scripts/gather_entropy.py"

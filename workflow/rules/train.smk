@@ -1,3 +1,8 @@
+# Small summaries and figures run on the controller (a login node on a cluster), not as jobs.
+localrules:
+    plot_training,
+
+
 rule train_policy:
     input:
         problems=get_run_problems,
@@ -16,6 +21,7 @@ rule train_policy:
         gpu=1,
         runtime=1440,
     params:
+        library=library("train_policy"),
         settings=get_train_settings,
         model=get_run_model_settings,
         output_dir="results/runs/{run}",
@@ -38,6 +44,7 @@ rule plot_training:
     conda:
         "../../envs/entroflow.yaml"
     params:
+        library=library("plot_training"),
         manifest="results/runs/{run}/trace/manifest.jsonl",
     script:
         "../../scripts/plot_training.py"

@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,workflow,train]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,workflow,train,viewer]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -19,7 +19,8 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/snakemake --profile profiles/default
 
-test: venv
+test: venv  # as root, also installs the Debian packages of the browser and Slurm tests
+	bash tools/test-packages.sh
 	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: venv  # exit 5 = no slow tests collected (none exist yet), not a failure
@@ -41,6 +42,7 @@ bench: venv
 	$(BIN)/python bench/probe_overhead.py
 	test -f results/runs/demo/delta_h/checkpoint-10.h5 || $(BIN)/snakemake results/runs/demo/delta_h/checkpoint-10.h5
 	$(BIN)/python bench/delta_h_fisher_cost.py
+	$(BIN)/python bench/viewer_load.py
 
 dry-run: venv
 	$(BIN)/snakemake -n --profile profiles/default

@@ -318,6 +318,19 @@ def token_texts(table: TokenTable, token_ids: np.ndarray) -> np.ndarray:
     return np.asarray([lookup.get(int(i), f"<{int(i)}>") for i in token_ids], dtype=object)
 
 
+def per_response(values: np.ndarray, offsets: np.ndarray, ufunc=np.add) -> np.ndarray:
+    """`ufunc.reduce` of each response's slice of a flat token array; NaN for empty responses."""
+    values = np.asarray(values, dtype=np.float64)
+    lengths = np.diff(offsets)
+    out = np.full(len(lengths), np.nan)
+    has = lengths > 0
+    if has.any():
+        # reduceat over the non-empty responses' starts only: empty ones own no tokens, so each
+        # segment runs exactly to the next non-empty start (or the end of the array).
+        out[has] = ufunc.reduceat(values, offsets[:-1][has])
+    return out
+
+
 def responses_frame(table: TokenTable) -> pd.DataFrame:
     """One row per response: indices, finish reason, correctness, length and entropy summary."""
     off = table["responses/offsets"]
@@ -333,10 +346,8 @@ def responses_frame(table: TokenTable) -> pd.DataFrame:
         }
     )
     if "entropy" in table.groups["tokens"]:
-        ent = table["tokens/entropy"].astype(np.float64)
-        sums = np.add.reduceat(ent, off[:-1]) if len(ent) else np.zeros(len(lengths))
-        sums = np.where(lengths > 0, sums, 0.0)
-        frame["mean_entropy"] = np.where(lengths > 0, sums / np.maximum(lengths, 1), np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):  # empty responses: NaN
+            frame["mean_entropy"] = per_response(table["tokens/entropy"], off) / lengths
     frame["text"] = table["responses/text"]
     return frame
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from entroflow.io import load_checked, read_token_file
+from tests.workflow.test_workflow import ROOT, snakemake
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,41 @@ def test_demo_fisher_kernel_reconstructs_first_order(demo):
         assert kernel.attrs["identity_relative_error"] < 1e-4  # float32 gradient store
         assert not (demo / f"results/runs/demo/fisher/checkpoint-{step}/gradients.h5.tmp").exists()
     assert (demo / "results/runs/demo/figures/fisher_kernel.png").read_bytes()[:4] == b"\x89PNG"
+
+
+REPORT_ITEMS = [
+    "entropy_histogram.png",
+    "wordcloud_high.png",
+    "wordcloud_low.png",
+    "entropy_by_position.png",
+    "token_view.html",
+    "top_tokens.csv",
+    "training.png",
+    "table.csv",
+    "delta_h_loglog.png",
+    "delta_h_first_order.png",
+    "delta_h_checkpoints.png",
+    "fisher_kernel.png",
+]
+
+
+@pytest.mark.workflow
+def test_demo_report_has_every_figure(demo_run, tmp_path):
+    report = tmp_path / "report.html"
+    result = snakemake(
+        "--report",
+        str(report),
+        "--configfile",
+        str(ROOT / "config/config.yaml"),
+        "--directory",
+        str(demo_run.work),
+        "--snakefile",
+        str(ROOT / "workflow/Snakefile"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    page = report.read_text()
+    assert page.startswith("<!DOCTYPE html>") or "<html" in page[:2000]
+    for name in REPORT_ITEMS:
+        assert name in page, name
+    for category in ("Token entropy", "Training", "Entropy change per update", "Fisher kernel"):
+        assert category in page, category

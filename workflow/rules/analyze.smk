@@ -3,7 +3,12 @@ rule analyze_entropy:
         "results/{experiment}/entropy.h5",
     output:
         stats="results/{experiment}/stats.json",
-        top_tokens="results/{experiment}/top_tokens.csv",
+        top_tokens=report(
+            "results/{experiment}/top_tokens.csv",
+            caption="../report/top_tokens.rst",
+            category="Token entropy",
+            labels={"experiment": "{experiment}", "figure": "top tokens (table)"},
+        ),
     log:
         "logs/analyze_entropy/{experiment}.log",
     conda:

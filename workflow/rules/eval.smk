@@ -34,7 +34,12 @@ rule summarize_evaluation:
     input:
         get_eval_results,
     output:
-        csv="results/runs/{run}/eval/table.csv",
+        csv=report(
+            "results/runs/{run}/eval/table.csv",
+            caption="../report/evaluation.rst",
+            category="Training",
+            labels={"run": "{run}", "figure": "pass@k per checkpoint (table)"},
+        ),
         markdown="results/runs/{run}/eval/table.md",
     log:
         "logs/summarize_evaluation/{run}.log",

@@ -89,7 +89,27 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
                 )
     for name, run in config.get("runs", {}).items():
         _check_run(config, name, run)
+    for name, sweep in config.get("temperature_sweeps", {}).items():
+        _check_sweep(config, name, sweep)
     return config
+
+
+def _check_sweep(config: dict, name: str, sweep: dict) -> None:
+    where = f"config: temperature_sweeps.{name}"
+    if sweep["experiment"] not in config["experiments"]:
+        raise ConfigError(
+            f"{where}.experiment: unknown experiment '{sweep['experiment']}'; "
+            f"available: {', '.join(sorted(config['experiments'])) or '(none)'}"
+        )
+    if sweep["dataset"] is not None and sweep["dataset"] not in config["datasets"]:
+        raise ConfigError(
+            f"{where}.dataset: unknown dataset '{sweep['dataset']}'; available: {', '.join(sorted(config['datasets']))}"
+        )
+    too_big = [k for k in sweep["k"] if k > sweep["samples_per_prompt"]]
+    if too_big:
+        raise ConfigError(
+            f"{where}.k: {too_big} exceed samples_per_prompt ({sweep['samples_per_prompt']})"
+        )
 
 
 def _check_run(config: dict, name: str, run: dict) -> None:

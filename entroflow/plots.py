@@ -313,3 +313,34 @@ def fisher_figure(files: list, path) -> None:
         row[3].set_title("contribution to δH₁/η per training sequence", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+
+
+def temperature_sweep_figure(table: pd.DataFrame, path, title: str = "") -> None:
+    """Heat-maps of Avg@1 and Pass@k_max over T_high (rows) x T_low (columns)."""
+    from entroflow.sweep import metric_grid
+
+    ks = sorted(int(c.split("@")[1]) for c in table.columns if c.startswith("pass@"))
+    metrics = ["avg@1" if "avg@1" in table else f"pass@{ks[0]}", f"pass@{ks[-1]}"]
+    metrics = list(dict.fromkeys(metrics))
+    threshold = float(table["threshold"].iloc[0])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        grid = metric_grid(table, metric)
+        image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(grid.shape[1]), [f"{t:g}" for t in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [f"{t:g}" for t in grid.index])
+        ax.set_xlabel("T_low (other tokens)")
+        ax.set_ylabel(f"T_high (entropy > {threshold:.3g})")
+        ax.set_title(metric)
+        for (i, j), value in np.ndenumerate(grid.to_numpy()):
+            ax.text(
+                j,
+                i,
+                f"{value:.3f}",
+                ha="center",
+                va="center",
+                color="white" if value < 0.6 else "black",
+            )
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"forking-token temperature sweep {title}".strip(), fontsize=10)
+    _save(fig, path)

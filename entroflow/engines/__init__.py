@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from entroflow.engines.base import Engine, Generation, SamplingParams
+from entroflow.engines.base import Engine, ForkingTemperature, Generation, SamplingParams
 
 ENGINES = ("hf", "sglang")
 
@@ -20,4 +20,4 @@ def get_engine(name: str, **kwargs) -> Engine:
     raise ValueError(f"unknown engine '{name}'; available: {', '.join(ENGINES)}")
 
 
-__all__ = ["ENGINES", "Engine", "Generation", "SamplingParams", "get_engine"]
+__all__ = ["ENGINES", "Engine", "ForkingTemperature", "Generation", "SamplingParams", "get_engine"]

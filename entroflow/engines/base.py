@@ -10,13 +10,31 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class ForkingTemperature:
+    """Section 3's decoding experiment: a token whose entropy (under softmax(logits /
+    base_temperature), full vocabulary) is above `threshold` is sampled at `t_high`, any other
+    at `t_low`. The threshold is normally the P80 measured at base_temperature."""
+
+    threshold: float
+    t_high: float
+    t_low: float
+    base_temperature: float = 1.0
+
+    def __post_init__(self):
+        for name in ("t_high", "t_low", "base_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0
+    temperature: float = 1.0  # not used when `forking` is set
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k
     max_new_tokens: int = 256
     samples_per_prompt: int = 1
     seed: int = 0
+    forking: ForkingTemperature | None = None
 
 
 @dataclass

@@ -23,7 +23,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from entroflow.engines.base import Generation, Progress, SamplingParams
+from entroflow.engines.base import ForkingTemperature, Generation, Progress, SamplingParams
+from entroflow.entropy import entropy_and_logprob
 from entroflow.scoring import left_pad
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,25 @@ class _SampledLogprobRecorder(LogitsProcessor):
         return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(len(last_tokens), 0)
 
 
+class ForkingTemperatureWarper(LogitsProcessor):
+    """Per-row temperature: t_high where the row's entropy is above the threshold, else t_low.
+
+    The entropy is exact over the full vocabulary (row-chunked, fp32), under softmax(logits /
+    base_temperature), i.e. the quantity the threshold was measured as.
+    """
+
+    def __init__(self, forking: ForkingTemperature):
+        self.forking = forking
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        f = self.forking
+        entropy, _ = entropy_and_logprob(scores, None, temperature=f.base_temperature)  # (B,)
+        high = torch.tensor(f.t_high, dtype=scores.dtype, device=scores.device)
+        low = torch.tensor(f.t_low, dtype=scores.dtype, device=scores.device)
+        temperature = torch.where(entropy.to(scores.device) > f.threshold, high, low)  # (B,)
+        return scores / temperature[:, None]
+
+
 def batch_seed(seed: int, first_sequence: int) -> int:
     """Each batch reseeds from (seed, its first sequence), so a rerun of one batch is reproducible."""
     return (seed * 1_000_003 + first_sequence) % (2**63)
@@ -71,7 +91,9 @@ class HFEngine:
 
     def _processors(self, params: SamplingParams, recorder) -> LogitsProcessorList:
         procs = []
-        if params.temperature != 1.0:
+        if params.forking is not None:
+            procs.append(ForkingTemperatureWarper(params.forking))
+        elif params.temperature != 1.0:
             procs.append(TemperatureLogitsWarper(params.temperature))
         if params.top_k:
             procs.append(TopKLogitsWarper(top_k=params.top_k))

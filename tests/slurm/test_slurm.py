@@ -17,6 +17,7 @@ GPU_RULES = {
     "evaluate_checkpoint",
     "estimate_delta_h",
     "compute_fisher_kernel",
+    "evaluate_temperature_cell",
 }
 CPU_JOB_RULES = {
     "build_demo_model",
@@ -33,6 +34,7 @@ LOCAL_RULES = {
     "plot_training",
     "plot_delta_h",
     "analyze_fisher_kernel",
+    "summarize_temperature_sweep",
 }
 
 
@@ -59,6 +61,7 @@ def test_every_demo_job_ran_on_slurm_and_completed(slurm_jobs):
     assert counts["train_policy"] == 1
     assert counts["evaluate_checkpoint"] == 3
     assert counts["estimate_delta_h"] == counts["compute_fisher_kernel"] == 3
+    assert counts["evaluate_temperature_cell"] == 4
 
 
 @pytest.mark.workflow

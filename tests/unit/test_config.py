@@ -1,6 +1,7 @@
 """Config schema + cross-references: defaults filled, each bad input named in one error."""
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -98,10 +99,25 @@ def mutated(path, value):
             ),
             "delta_h.dataset: needed for an external run",
         ),
+        (
+            mutated(["temperature_sweeps", "s"], {"experiment": "x", "t_high": [1], "t_low": [1]}),
+            "temperature_sweeps.s.experiment: unknown experiment 'x'; available: e",
+        ),
+        (
+            mutated(
+                ["temperature_sweeps", "s"],
+                {"experiment": "e", "t_high": [1], "t_low": [1], "k": [8]},
+            ),
+            "temperature_sweeps.s.k: [8] exceed samples_per_prompt (4)",
+        ),
+        (
+            mutated(["temperature_sweeps", "s"], {"experiment": "e", "t_high": [0], "t_low": [1]}),
+            "temperature_sweeps.s.t_high.0: 0 is less than or equal to the minimum of 0",
+        ),
     ],
 )
 def test_bad_config_names_the_key(cfg, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         validate_config(cfg)
 
 

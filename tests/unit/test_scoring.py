@@ -122,3 +122,52 @@ def test_token_budget_batches_cover_everything_once():
 def test_response_rows_point_before_each_response_token():
     rows, cols = response_rows([3, 1], width=6)
     assert rows.tolist() == [0, 0, 0, 1] and cols.tolist() == [2, 3, 4, 4]
+
+
+def test_forking_temperature_warper_scales_rows_by_their_entropy_class():
+    import torch
+
+    from entroflow.engines import ForkingTemperature
+    from entroflow.engines.hf import ForkingTemperatureWarper
+
+    # Row 0 is nearly one-hot (entropy ~0), row 1 uniform over 8 (entropy log 8 = 2.08 nats).
+    scores = torch.tensor([[12.0] + [0.0] * 7, [1.0] * 8])
+    warper = ForkingTemperatureWarper(ForkingTemperature(threshold=1.0, t_high=2.0, t_low=0.5))
+    out = warper(torch.zeros(2, 1, dtype=torch.long), scores.clone())
+    torch.testing.assert_close(out[0], scores[0] / 0.5)
+    torch.testing.assert_close(out[1], scores[1] / 2.0)
+    # The classifying entropy is taken at base_temperature: at T = 20 row 0 is near-uniform too.
+    hot = ForkingTemperatureWarper(ForkingTemperature(1.0, 2.0, 0.5, base_temperature=20.0))
+    torch.testing.assert_close(hot(None, scores.clone())[0], scores[0] / 2.0)
+    with pytest.raises(ValueError, match="t_low must be > 0"):
+        ForkingTemperature(1.0, 2.0, 0.0)
+
+
+def test_engine_with_forking_temperature_records_the_warped_logprobs(tiny_tokenizer):
+    """Engine log-probs are those of the per-token temperature actually used, checked by
+    recomputing each step's class and tempered log-softmax from a teacher-forced pass."""
+    import torch
+
+    from entroflow.engines import ForkingTemperature
+    from entroflow.entropy import entropy_and_logprob
+
+    model = make_tiny_model(tiny_tokenizer, seed=5)
+    engine = HFEngine(model, tiny_tokenizer, batch_size=4)
+    forking = ForkingTemperature(threshold=3.5, t_high=1.7, t_low=0.6)  # this model: H ~ 3-4.5
+    prompt = tiny_tokenizer("7 + 5 =")["input_ids"]
+    gens = engine.generate(
+        [prompt], SamplingParams(max_new_tokens=10, samples_per_prompt=3, seed=1, forking=forking)
+    )
+    classes = set()
+    for g in gens:
+        ids = torch.tensor([list(prompt) + g.token_ids.tolist()])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()  # (L, V)
+        h, _ = entropy_and_logprob(logits)
+        t = torch.where(h > forking.threshold, forking.t_high, forking.t_low)
+        classes |= {round(x, 4) for x in t.tolist()}
+        expected = torch.log_softmax(logits / t[:, None], -1).gather(
+            1, torch.as_tensor(g.token_ids, dtype=torch.long)[:, None]
+        )[:, 0]
+        np.testing.assert_allclose(g.engine_logprob, expected.numpy(), atol=1e-4)
+    assert classes == {forking.t_high, forking.t_low}  # both kinds of token were sampled

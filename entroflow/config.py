@@ -14,7 +14,7 @@ import yaml
 
 from entroflow.datasets import DatasetError, resolve_entry
 from entroflow.errors import EntroflowError
-from entroflow.models import ModelError, check_model_path
+from entroflow.models import ModelError, check_model_path, gguf_file
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -66,6 +66,13 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
         except DatasetError as err:
             raise ConfigError(f"config: datasets.{name}: {err}") from err
     for name, entry in config["models"].items():
+        if entry["source"] == "gguf":
+            try:
+                gguf_file(name, entry)
+            except ModelError as err:
+                raise ConfigError(f"config: models.{name}: {err}") from err
+        elif entry.get("package") or entry.get("gguf_file"):
+            raise ConfigError(f"config: models.{name}: 'package'/'gguf_file' need source 'gguf'")
         if entry["source"] in ("hub", "local"):
             if "path" not in entry:
                 raise ConfigError(

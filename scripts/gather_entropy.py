@@ -3,17 +3,19 @@
 from entroflow.io import check_contract, concat_token_tables, load_checked, write_token_file
 from entroflow.logs import setup_logging
 from entroflow.models import load_tokenizer
-from entroflow.pipeline import add_vocab, mark_correctness
+from entroflow.pipeline import add_vocab, mark_correctness, merge_checks
 
 log = setup_logging(snakemake.log[0])
 shards = [load_checked(path) for path in snakemake.input.shards]
-attrs = {k: v for k, v in shards[0].attrs.items() if k != "shard"}
+attrs = {k: v for k, v in shards[0].attrs.items() if k != "shard" and not k.startswith("check_")}
+attrs.update(merge_checks(shards))
 table = concat_token_tables(shards, attrs={**attrs, "experiment": snakemake.params.experiment})
 table = mark_correctness(table)
 table = add_vocab(table, load_tokenizer(snakemake.input.model))
 check_contract(table, name=snakemake.output[0])
 write_token_file(snakemake.output[0], table)
 graded = table["responses/correct"]
+log.info("checks: %s", {k: v for k, v in attrs.items() if k.startswith("check_")})
 log.info(
     "%d prompts, %d responses, %d tokens; accuracy %.3f",
     table.n_prompts,

@@ -3,14 +3,13 @@
 Finished batches are saved under `<output>.partial/`; a rerun after preemption continues there.
 """
 
-import numpy as np
 import torch
 
 from entroflow.io import load_checked, write_token_file
 from entroflow.journal import BatchJournal, journal_folder
 from entroflow.logs import ProgressLog, setup_logging
 from entroflow.models import load_model, load_tokenizer
-from entroflow.pipeline import score_table, scoring_key
+from entroflow.pipeline import score_table, scoring_checks, scoring_key
 
 log = setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
@@ -33,15 +32,11 @@ scored = score_table(
     progress=ProgressLog("scored", "tokens", log),
     journal=journal,
 )
-eng, ours = scored["tokens/engine_logprob"], scored["tokens/logprob"]
-finite = np.isfinite(eng)
-if finite.any():
-    gap = np.abs(eng[finite] - ours[finite])
-    log.info(
-        "engine vs scorer log-prob (engine values are after top-p/top-k): max |diff| %.3g, mean %.3g",
-        gap.max(),
-        gap.mean(),
-    )
+scored.attrs.update(scoring_checks(scored, model, temperature, scoring["verify_responses"]))
+log.info(
+    "checks: %s (engine log-probs are after top-p/top-k where those are set)",
+    {k: v for k, v in scored.attrs.items() if k.startswith("check_")},
+)
 write_token_file(snakemake.output[0], scored)
 journal.remove()
 log.info("wrote %s", snakemake.output[0])

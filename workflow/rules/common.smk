@@ -9,6 +9,7 @@ from entroflow.checkpoints import (
     require_optimizer_state,
 )
 from entroflow.config import validate_config
+from entroflow.models import gguf_file
 from entroflow.datasets import resolve_entry
 from entroflow.sweep import cell_name, sweep_cells
 from entroflow.training.trainer import RunSettings
@@ -61,6 +62,8 @@ def model_dir(name):
         return DEMO_MODEL_DIR
     if entry["source"] == "hub":
         return f"resources/models/hub/{name}"
+    if entry["source"] == "gguf":
+        return f"resources/models/gguf/{name}"
     return entry["path"]
 
 
@@ -336,3 +339,7 @@ def get_sweep_cells(wildcards):
         f"results/sweeps/{wildcards.sweep}/cells/{cell_name(h, lo)}.json"
         for h, lo in sweep_cells(get_sweep(wildcards))
     ]
+
+
+def get_gguf_file(wildcards):
+    return str(gguf_file(wildcards.model, config["models"][wildcards.model]))

@@ -48,3 +48,23 @@ rule build_demo_model:
         settings=config["demo_model"],
     script:
         "../../scripts/build_demo_model.py"
+
+
+rule convert_gguf_model:
+    input:
+        get_gguf_file,
+    output:
+        directory("resources/models/gguf/{model}"),
+    log:
+        "logs/convert_gguf_model/{model}.log",
+    benchmark:
+        "benchmarks/convert_gguf_model/{model}.tsv"
+    conda:
+        "../../envs/entroflow.yaml"
+    threads: 2
+    resources:
+        runtime=30,
+    params:
+        library=library("convert_gguf_model"),
+    script:
+        "../../scripts/convert_gguf_model.py"

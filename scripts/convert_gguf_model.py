@@ -1,0 +1,9 @@
+"""Rule convert_gguf_model: a GGUF file -> a plain Hugging Face folder under resources/models/gguf/."""
+
+from pathlib import Path
+
+from entroflow.logs import setup_logging
+from entroflow.models import convert_gguf
+
+log = setup_logging(snakemake.log[0])
+convert_gguf(Path(snakemake.input[0]), snakemake.output[0])

@@ -222,6 +222,7 @@ def test_external_run_schedules_one_job_per_checkpoint_and_only_new_ones(tmp_pat
     (ext / "checkpoint-7").mkdir()  # no optimizer state: evaluated, but no ΔH / kernel
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     cfg["experiments"] = {}
+    cfg["temperature_sweeps"] = {}  # the demo's sweep needs the demo experiment
     cfg["runs"] = {
         "ext": {
             "model": "demo",

@@ -80,14 +80,27 @@ def _normalize(tree: ast.Module) -> ast.Module:
     return tree
 
 
+# Every rule hashes its script's modules at each Snakemake start (also inside each cluster job),
+# and most rules share most modules: parse and normalise each file version once per process.
 @cache
 def _parse_version(path: Path, mtime_ns: int, size: int) -> ast.AST:
     return ast.parse(path.read_text(), filename=str(path))
 
 
+@cache
+def _code_version(path: Path, mtime_ns: int, size: int) -> str:
+    return ast.unparse(_normalize(ast.parse(path.read_text(), filename=str(path))))
+
+
 def _parse(path: Path) -> ast.AST:
     stat = path.stat()
     return _parse_version(path, stat.st_mtime_ns, stat.st_size)
+
+
+def _code(path: Path) -> str:
+    """The file's code without comments, docstrings, formatting or `__version__`."""
+    stat = path.stat()
+    return _code_version(path, stat.st_mtime_ns, stat.st_size)
 
 
 def library_modules(script: str | Path, root: Path | None = None) -> dict[str, Path]:
@@ -113,6 +126,5 @@ def library_fingerprint(script: str | Path, root: Path | None = None) -> str:
     digest = hashlib.sha256()
     files = {"<script>": Path(script), **library_modules(script, root)}
     for name, path in files.items():
-        code = ast.unparse(_normalize(ast.parse(path.read_text())))
-        digest.update(f"{name}\n{code}\n".encode())
+        digest.update(f"{name}\n{_code(path)}\n".encode())
     return digest.hexdigest()[:16]

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,18 @@ class BatchJournal:
     def remove(self) -> None:
         """Drop the folder once the job's real output is written."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def load_or_compute(
+    journal: BatchJournal | None, index: int, compute: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Batch `index` from the journal, or `compute()` it and save it there (no journal: compute)."""
+    saved = journal.load(index) if journal is not None else None
+    if saved is None:
+        saved = compute()
+        if journal is not None:
+            journal.save(index, saved)
+    return saved
 
 
 def journal_folder(output: str | os.PathLike) -> Path:

@@ -22,7 +22,7 @@ from entroflow.engines.base import Generation
 from entroflow.entropy import ENTROPY_CONVENTION
 from entroflow.errors import EntroflowError
 from entroflow.io import TokenTable, flatten, str_array, vocab_group
-from entroflow.journal import BatchJournal, fingerprint, folder_fingerprint
+from entroflow.journal import BatchJournal, fingerprint, folder_fingerprint, load_or_compute
 from entroflow.scoring import score_responses
 
 log = logging.getLogger(__name__)
@@ -166,18 +166,15 @@ def generate_shard(
     t0 = time.perf_counter()
     starts = range(0, len(rows), max(1, prompts_per_batch))
     for index, start in enumerate(starts):
-        saved = journal.load(index) if journal is not None else None
-        if saved is None:
-            batch_ids = sub_ids[start : start + prompts_per_batch]
-            seed = dataclasses.replace(params, seed=params.seed + 7919 * int(rows[start]))
-            batch = engine.generate(batch_ids, seed)
+
+        def compute(start=start):
+            batch_params = dataclasses.replace(params, seed=params.seed + 7919 * int(rows[start]))
+            batch = engine.generate(sub_ids[start : start + prompts_per_batch], batch_params)
             for g in batch:
                 g.prompt_row += start
-            if journal is not None:
-                journal.save(index, _generations_to_arrays(batch))
-        else:
-            batch = _arrays_to_generations(saved)
-        generations += batch
+            return _generations_to_arrays(batch)
+
+        generations += _arrays_to_generations(load_or_compute(journal, index, compute))
         if progress is not None:
             progress(min(start + prompts_per_batch, len(rows)), len(rows), time.perf_counter() - t0)
     meta = {

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from entroflow.entropy import entropy_and_logprob
-from entroflow.journal import BatchJournal
+from entroflow.journal import BatchJournal, load_or_compute
 
 
 @dataclass
@@ -169,8 +169,8 @@ def score_responses(
         scored = [i for i in batch if len(responses[i])]
         if not scored:
             continue
-        saved = journal.load(index) if journal is not None else None
-        if saved is None:
+
+        def compute(scored=scored):
             entropy, logprob = batch_scores(
                 model,
                 [prompts[i] for i in scored],
@@ -180,12 +180,12 @@ def score_responses(
                 chunk_rows=chunk_rows,
                 accum_dtype=accum_dtype,
             )
-            saved = {
+            return {
                 "entropy": entropy.float().cpu().numpy(),
                 "logprob": logprob.float().cpu().numpy(),
             }
-            if journal is not None:
-                journal.save(index, saved)
+
+        saved = load_or_compute(journal, index, compute)
         entropy_np, logprob_np = saved["entropy"], saved["logprob"]
         offset = 0
         for i in scored:

@@ -98,16 +98,20 @@ def entropy_by_position(table: TokenTable, responses: list[int], stats: dict, pa
     _save(fig, path)
 
 
-def _colour_scale(entropy: np.ndarray, top: float):
-    """Log-scale colours: near-zero tokens stay distinguishable (a linear scale washes them out)."""
-    cmap = matplotlib.colormaps["magma_r"]
+def log_position(entropy: np.ndarray, top: float) -> np.ndarray:
+    """Where each entropy sits in [0, 1] on a log10 scale from LOG_FLOOR to `top`: near-zero
+    tokens stay distinguishable (a linear scale paints almost all of them one colour)."""
     lo, hi = np.log10(LOG_FLOOR), np.log10(max(top, LOG_FLOOR * 10))
-    x = (np.log10(np.clip(entropy, LOG_FLOOR, None)) - lo) / (hi - lo)
-    rgba = cmap(np.clip(x, 0, 1) * 0.85)  # stop short of black so text stays readable
-    return rgba
+    x = (np.log10(np.clip(np.asarray(entropy, dtype=np.float64), LOG_FLOOR, None)) - lo) / (hi - lo)
+    return np.clip(x, 0, 1)
 
 
-def _hex(rgba) -> str:
+def _colour_scale(entropy: np.ndarray, top: float):
+    cmap = matplotlib.colormaps["magma_r"]
+    return cmap(log_position(entropy, top) * 0.85)  # stop short of black so text stays readable
+
+
+def hex_colour(rgba) -> str:
     return "#{:02x}{:02x}{:02x}".format(*(int(255 * c) for c in rgba[:3]))
 
 
@@ -128,7 +132,7 @@ def token_view_html(table: TokenTable, responses: list[int], stats: dict, path) 
             tip = f"pos {pos} · id {tid} · H = {e:.4g} nats · log p = {lp:.3g}"
             shown = html.escape(t).replace("\n", "⏎<br>")
             spans.append(
-                f'<span style="background:{_hex(c)};color:{fg}" title="{tip}">{shown}</span>'
+                f'<span style="background:{hex_colour(c)};color:{fg}" title="{tip}">{shown}</span>'
             )
         p = int(table["responses/prompt_index"][i])
         correct = {1: "✓ correct", 0: "✗ wrong", -1: "ungraded"}[int(table["responses/correct"][i])]
@@ -140,7 +144,7 @@ def token_view_html(table: TokenTable, responses: list[int], stats: dict, path) 
         )
     ticks = [LOG_FLOOR, 1e-3, 1e-2, 1e-1, 1.0, top]
     legend = "".join(
-        f'<span style="background:{_hex(_colour_scale(np.array([t]), top)[0])};color:{"white" if t > 0.3 else "black"}">{t:.3g}</span>'
+        f'<span style="background:{hex_colour(_colour_scale(np.array([t]), top)[0])};color:{"white" if t > 0.3 else "black"}">{t:.3g}</span>'
         for t in sorted(set(ticks))
         if t <= top
     )

@@ -8,7 +8,8 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-LOG_FLOOR = 1e-4  # nats; the log colour scale starts here
+from entroflow.plots import LOG_FLOOR, hex_colour, log_position
+
 SORTS = {
     "position": ("position", True),
     "entropy-desc": ("entropy", False),
@@ -61,14 +62,8 @@ def colour_values(entropy: np.ndarray, scale: str, step_entropy: np.ndarray) -> 
         ranked = np.sort(np.asarray(step_entropy, dtype=np.float64))
         return np.searchsorted(ranked, entropy, side="right") / max(len(ranked), 1)
     if scale == "log":
-        top = max(float(np.max(step_entropy)) if len(step_entropy) else 1.0, LOG_FLOOR * 10)
-        lo, hi = np.log10(LOG_FLOOR), np.log10(top)
-        return np.clip((np.log10(np.clip(entropy, LOG_FLOOR, None)) - lo) / (hi - lo), 0, 1)
+        return log_position(entropy, float(np.max(step_entropy)) if len(step_entropy) else 1.0)
     raise ValueError(f"unknown colour scale '{scale}'; available: log, percentile")
-
-
-def _hex(rgba) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*(int(round(255 * c)) for c in rgba[:3]))
 
 
 def colours(values: np.ndarray) -> list[tuple[str, str]]:
@@ -76,7 +71,8 @@ def colours(values: np.ndarray) -> list[tuple[str, str]]:
     rgba = matplotlib.colormaps["viridis"](np.clip(values, 0, 1))
     light = 0.299 * rgba[:, 0] + 0.587 * rgba[:, 1] + 0.114 * rgba[:, 2] > 0.5
     return [
-        (_hex(c), "black" if is_light else "white") for c, is_light in zip(rgba, light, strict=True)
+        (hex_colour(c), "black" if is_light else "white")
+        for c, is_light in zip(rgba, light, strict=True)
     ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -223,6 +224,10 @@ def build_app(source: EntropySource) -> Dash:
         ],
     )
 
+    @lru_cache(maxsize=16)
+    def cloud(step: int) -> str:  # the slowest part of opening a step: once per step
+        return word_cloud_src(source.high_entropy_counts(step))
+
     @app.callback(
         Output("step", "data"),
         Input("steps-table", "active_cell"),
@@ -248,7 +253,7 @@ def build_app(source: EntropySource) -> Dash:
         return (
             title,
             histogram_figure(entropy, step),
-            word_cloud_src(source.high_entropy_counts(step)),
+            cloud(step),
             _records(responses),
             _columns(responses),
             0,

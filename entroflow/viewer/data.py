@@ -117,6 +117,11 @@ class EntropySource:
                 return {}
             return dict(zip(f["vocab/ids"][()].tolist(), _strings(f["vocab/text"]), strict=True))
 
+    def texts(self, step: int, token_ids) -> list[str]:
+        """Decoded text of each token id, through the step file's vocab/ group."""
+        vocab = self.vocab(step)
+        return [vocab.get(int(i), f"<{int(i)}>") for i in token_ids]
+
     def prompt(self, step: int, response: int) -> str:
         frame = self.responses(step)
         with self._file(step) as f:
@@ -141,8 +146,7 @@ class EntropySource:
             )
             if "logprob" in f["tokens"]:
                 frame["logprob"] = f["tokens/logprob"][sl]
-        vocab = self.vocab(step)
-        frame.insert(1, "token", [vocab.get(int(i), f"<{int(i)}>") for i in ids])
+        frame.insert(1, "token", self.texts(step, ids))
         return frame
 
     def extreme_tokens(self, step: int, k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -165,10 +169,7 @@ class EntropySource:
                         "position": index - off[response],
                     }
                 )
-                vocab = self.vocab(step)
-                frame.insert(
-                    0, "token", [vocab.get(int(i), f"<{int(i)}>") for i in frame["token_id"]]
-                )
+                frame.insert(0, "token", self.texts(step, frame["token_id"]))
                 return frame
 
             high = rows(order[::-1][:k]).sort_values("entropy", ascending=False, kind="stable")
@@ -183,6 +184,5 @@ class EntropySource:
         with self._file(step) as f:
             ids = f["tokens/token_id"][()]
         above = ids[entropy > np.percentile(entropy, percentile)]
-        vocab = self.vocab(step)
-        texts = pd.Series([vocab.get(int(i), f"<{int(i)}>").strip() for i in above])
+        texts = pd.Series(self.texts(step, above)).str.strip()
         return texts[texts != ""].value_counts()

@@ -54,6 +54,26 @@ def make_tiny_model(tokenizer, seed: int = 0, dtype=torch.float32, hidden: int =
     return model
 
 
+def save_tiny_model(folder: Path, tokenizer, seed: int) -> Path:
+    """A tiny model + tokenizer as a from_pretrained folder (a `source: local` model entry)."""
+    make_tiny_model(tokenizer, seed=seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_config(model_dir: Path, n_problems: int, experiments: dict[str, dict]) -> dict:
+    """A workflow config: `n_problems` builtin arithmetic problems, the tiny model at `model_dir`,
+    and one single-shard experiment per entry of `experiments` (name -> extra settings)."""
+    return {
+        "datasets": {"arith": {"preset": "arithmetic", "n": n_problems}},
+        "models": {"tiny": {"source": "local", "path": str(model_dir)}},
+        "experiments": {
+            name: {"model": "tiny", "dataset": "arith", "shards": 1, **extra}
+            for name, extra in experiments.items()
+        },
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
     return make_tiny_model(tiny_tokenizer)

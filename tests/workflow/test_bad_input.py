@@ -12,7 +12,7 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from tests.conftest import make_tiny_model
+from tests.conftest import save_tiny_model, tiny_config
 from tests.workflow.test_workflow import ROOT, snakemake
 
 SCORED = "results/x/shards/scored.0-of-1.h5"
@@ -21,25 +21,13 @@ GENERATED = "results/x/shards/generated.0-of-1.h5"
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    folder = tmp_path_factory.mktemp("bad-input") / "tiny-model"
-    make_tiny_model(tiny_tokenizer, seed=1).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("bad-input") / "tiny-model", tiny_tokenizer, 1)
 
 
 def base_config(model_dir: Path) -> dict:
-    return {
-        "datasets": {"arith": {"preset": "arithmetic", "n": 4}},
-        "models": {"tiny": {"source": "local", "path": str(model_dir)}},
-        "experiments": {
-            "x": {
-                "model": "tiny",
-                "dataset": "arith",
-                "shards": 1,
-                "sampling": {"max_new_tokens": 8, "samples_per_prompt": 1},
-            }
-        },
-    }
+    return tiny_config(
+        model_dir, 4, {"x": {"sampling": {"max_new_tokens": 8, "samples_per_prompt": 1}}}
+    )
 
 
 def local_dataset(cfg, tmp, rows):

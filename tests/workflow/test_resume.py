@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import make_tiny_model
+from tests.conftest import save_tiny_model, tiny_config
 from tests.workflow.test_workflow import ROOT, snakemake
 
 # Imported by every Python process of the killed run (PYTHONPATH): after the N-th saved batch of
@@ -55,23 +55,18 @@ def read_all(path):
 
 @pytest.mark.workflow
 def test_killed_generation_and_scoring_resume_to_the_same_files(tmp_path, tiny_tokenizer):
-    model_dir = tmp_path / "tiny-model"
-    make_tiny_model(tiny_tokenizer, seed=6).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    cfg = {
-        "datasets": {"arith": {"preset": "arithmetic", "n": 12}},
-        "models": {"tiny": {"source": "local", "path": str(model_dir)}},
-        "experiments": {
+    model_dir = save_tiny_model(tmp_path / "tiny-model", tiny_tokenizer, seed=6)
+    cfg = tiny_config(
+        model_dir,
+        12,
+        {
             "x": {
-                "model": "tiny",
-                "dataset": "arith",
-                "shards": 1,
                 "batch_size": 4,  # 2 prompts x 2 samples per saved batch: 6 batches
                 "sampling": {"max_new_tokens": 16, "samples_per_prompt": 2, "seed": 3},
             }
         },
-        "scoring": {"max_tokens_per_batch": 64},  # a few responses per scoring batch
-    }
+    )
+    cfg["scoring"] = {"max_tokens_per_batch": 64}  # a few responses per scoring batch
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cfg))
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from entroflow.code_version import library_modules
-from tests.conftest import make_tiny_model
+from tests.conftest import save_tiny_model, tiny_config
 from tests.workflow.test_workflow import ROOT, job_counts, snakemake
 
 
@@ -39,19 +39,10 @@ def jobs_by_rule(output: str) -> dict[str, set[str]]:
 
 @pytest.mark.workflow
 def test_changing_one_experiment_reruns_only_it(tmp_path, tiny_tokenizer):
-    model_dir = tmp_path / "tiny-model"
-    make_tiny_model(tiny_tokenizer, seed=2).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "tiny-model", tiny_tokenizer, seed=2)
     sampling = {"max_new_tokens": 8, "samples_per_prompt": 2}
-    cfg = {
-        "datasets": {"arith": {"preset": "arithmetic", "n": 4}},
-        "models": {"tiny": {"source": "local", "path": str(model_dir)}},
-        "experiments": {
-            name: {"model": "tiny", "dataset": "arith", "shards": 1, "sampling": dict(sampling)}
-            for name in ("a", "b")
-        },
-        "analysis": {"min_token_count": 1},
-    }
+    cfg = tiny_config(model_dir, 4, {name: {"sampling": dict(sampling)} for name in ("a", "b")})
+    cfg["analysis"] = {"min_token_count": 1}
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cfg))
     project = copy_project(tmp_path / "project")

@@ -88,18 +88,22 @@ def get_hub_model(wildcards):
     return {"path": entry["path"], "revision": entry["revision"]}
 
 
-def get_model_settings(wildcards):
+def model_settings(name):
     """Only the model settings the jobs use, since params are a rerun trigger."""
-    exp = get_experiment(wildcards)
-    entry = config["models"][exp["model"]]
+    entry = config["models"][name]
     return {
-        "name": exp["model"],
-        "path": entry.get("path", DEMO_MODEL_DIR),
+        "name": name,
+        "path": entry.get("path")
+        or model_dir(name),  # hub id, folder, .gguf, or where it is built
         "revision": entry["revision"],
         "dtype": entry["dtype"],
         "system_prompt": entry["system_prompt"],
         "chat_template_kwargs": entry["chat_template_kwargs"],
     }
+
+
+def get_model_settings(wildcards):
+    return model_settings(get_experiment(wildcards)["model"])
 
 
 def get_generation_settings(wildcards):
@@ -309,14 +313,7 @@ def get_sweep_model_dir(wildcards):
 
 
 def get_sweep_model_settings(wildcards):
-    name = get_sweep_experiment(wildcards)["model"]
-    entry = config["models"][name]
-    return {
-        "name": name,
-        "dtype": entry["dtype"],
-        "system_prompt": entry["system_prompt"],
-        "chat_template_kwargs": entry["chat_template_kwargs"],
-    }
+    return model_settings(get_sweep_experiment(wildcards)["model"])
 
 
 def get_sweep_base_temperature(wildcards):

@@ -5,8 +5,8 @@ The configuration goes to /etc/slurm (Snakemake's job-step plugin drops SLURM_CO
 inner `srun`, so only the default path works); a slurm.conf found there that this module did not
 write is never overwritten.
 
-Needs root and the packages `slurmctld slurmd slurm-client munge` (installed here with apt-get
-when missing). `unavailable_reason()` says why a cluster cannot be started, or None.
+Needs root and the packages `slurmctld slurmd slurm-client munge` (installed by
+tools/test-packages.sh when missing). `unavailable_reason()` says why a cluster cannot be started, or None.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+INSTALLER = Path(__file__).resolve().parents[2] / "tools/test-packages.sh"  # as `make test` runs it
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "munged")
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 CONF_DIR = Path("/etc/slurm")
@@ -30,18 +30,14 @@ def _missing_binaries() -> list[str]:
 
 
 def unavailable_reason(install: bool = True) -> str | None:
-    """None when a cluster can be started here, else why not (after trying apt-get if allowed)."""
+    """None when a cluster can be started here, else why not (after trying tools/test-packages.sh if allowed)."""
     if os.geteuid() != 0:
         return "a local Slurm cluster needs root (slurmd runs jobs as their user)"
-    if _missing_binaries() and install and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]
-        if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-            subprocess.run(cmd, env=env, capture_output=True)
+    if _missing_binaries() and install:  # e.g. pytest run without `make test`
+        subprocess.run(["bash", str(INSTALLER)], capture_output=True)
     missing = _missing_binaries()
     if missing:
-        return f"Slurm/munge binaries not found ({', '.join(missing)}) and apt-get could not install them"
+        return f"Slurm/munge binaries not found ({', '.join(missing)}) and {INSTALLER.name} could not install them"
     conf = CONF_DIR / "slurm.conf"
     if conf.exists() and MARKER not in conf.read_text():
         return f"{conf} belongs to another Slurm setup; not overwriting it"

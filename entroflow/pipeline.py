@@ -23,7 +23,7 @@ from entroflow.entropy import ENTROPY_CONVENTION
 from entroflow.errors import EntroflowError
 from entroflow.io import TokenTable, flatten, str_array, vocab_group
 from entroflow.journal import BatchJournal, fingerprint, folder_fingerprint, load_or_compute
-from entroflow.scoring import score_responses
+from entroflow.scoring import choose_head_method, score_responses, unwrap_peft
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,7 @@ def score_table(
     temperature: float,
     max_tokens_per_batch: int = 16384,
     chunk_rows: int = 1024,
+    head_method: str = "auto",
     progress=None,
     journal: BatchJournal | None = None,
 ) -> TokenTable:
@@ -235,6 +236,7 @@ def score_table(
         temperature=temperature,
         max_tokens_per_batch=max_tokens_per_batch,
         chunk_rows=chunk_rows,
+        head_method=head_method,
         progress=progress,
         journal=journal,
     )
@@ -247,6 +249,9 @@ def score_table(
         **table.attrs,
         "entropy_convention": ENTROPY_CONVENTION,
         "score_temperature": temperature,
+        "score_head": choose_head_method(
+            unwrap_peft(model), next(model.parameters()).device, head_method
+        ),
     }
     return TokenTable(groups=groups, attrs=attrs)
 

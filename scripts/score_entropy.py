@@ -29,10 +29,12 @@ scored = score_table(
     temperature=temperature,
     max_tokens_per_batch=scoring["max_tokens_per_batch"],
     chunk_rows=scoring["chunk_rows"],
+    head_method=scoring["head"],
     progress=ProgressLog("scored", "tokens", log),
     journal=journal,
 )
 scored.attrs.update(scoring_checks(scored, model, temperature, scoring["verify_responses"]))
+log.info("LM head entropy path: %s", scored.attrs["score_head"])
 log.info(
     "checks: %s (engine log-probs are after top-p/top-k where those are set)",
     {k: v for k, v in scored.attrs.items() if k.startswith("check_")},

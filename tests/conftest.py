@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+
+import torch
+
+# Without CUDA the fused entropy kernel is tested in Triton's interpreter (CPU tensors). The
+# variable is read when the kernel is defined, so before anything imports entroflow.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import types
 from dataclasses import dataclass, field
 from pathlib import Path

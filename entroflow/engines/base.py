@@ -35,6 +35,13 @@ class SamplingParams:
     samples_per_prompt: int = 1
     seed: int = 0
     forking: ForkingTemperature | None = None
+    # Also return each sampled position's full-vocabulary entropy under softmax(logits / T), T the
+    # sampling temperature (forking: its base temperature), before top-p/top-k: the scorer's value.
+    record_entropy: bool = False
+
+    @property
+    def entropy_temperature(self) -> float:
+        return self.forking.base_temperature if self.forking is not None else self.temperature
 
 
 @dataclass
@@ -44,6 +51,7 @@ class Generation:
     token_ids: np.ndarray  # int32 [L], including the EOS token when finish_reason == "stop"
     finish_reason: str  # "stop" | "length"
     engine_logprob: np.ndarray  # float32 [L]; NaN where the engine reports none
+    entropy: np.ndarray | None = None  # float32 [L] when SamplingParams.record_entropy
 
 
 Progress = Callable[[int, int, float], None]  # (done prompts, total prompts, seconds)

@@ -1,4 +1,8 @@
-"""The `hf` engine: batched sampling with transformers' `generate` (CPU and GPU).
+"""The `hf` engine: batched sampling from a transformers model, two ways behind one interface.
+
+- `generate` (the default on CPU): transformers' own loop, one batch at a time.
+- `static` (the default on CUDA, `static_decode.py`): our decode loop with a static KV cache,
+  CUDA graphs, prompts sorted by length into batches, and finished rows retired.
 
 The warpers (temperature, top-k, top-p) are applied by our own processor list and the model's
 generation defaults are switched off, so a model's generation_config.json (Qwen3 ships top_k=20)
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +29,7 @@ from transformers import (
 )
 
 from entroflow.engines.base import ForkingTemperature, Generation, Progress, SamplingParams
+from entroflow.engines.static_decode import StaticDecoder, make_sampler, supports_static_decode
 from entroflow.entropy import entropy_and_logprob
 from entroflow.scoring import left_pad
 
@@ -54,6 +60,24 @@ class _SampledLogprobRecorder(LogitsProcessor):
         return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(len(last_tokens), 0)
 
 
+class _EntropyRecorder(LogitsProcessor):
+    """Full-vocabulary entropy of each step's raw logits under softmax(logits / T); first in the list."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.steps: list[torch.Tensor] = []  # each (B,)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.steps.append(entropy_and_logprob(scores, None, temperature=self.temperature)[0])
+        return scores
+
+    def finish(self, rows: int) -> np.ndarray:
+        """(B, steps) float32."""
+        if not self.steps:
+            return np.zeros((rows, 0), np.float32)
+        return torch.stack(self.steps, dim=1).float().cpu().numpy()
+
+
 class ForkingTemperatureWarper(LogitsProcessor):
     """Per-row temperature: t_high where the row's entropy is above the threshold, else t_low.
 
@@ -78,9 +102,20 @@ def batch_seed(seed: int, first_sequence: int) -> int:
     return (seed * 1_000_003 + first_sequence) % (2**63)
 
 
+DECODERS = ("auto", "generate", "static")
+
+
 class HFEngine:
+    """`decoder`: "generate", "static", or "auto" (static on CUDA where the model allows it)."""
+
     def __init__(
-        self, model, tokenizer, batch_size: int = 32, eos_token_ids: Sequence[int] | None = None
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 32,
+        eos_token_ids: Sequence[int] | None = None,
+        decoder: str = "auto",
+        static_options: dict | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -88,8 +123,23 @@ class HFEngine:
         eos = eos_token_ids or model.generation_config.eos_token_id or tokenizer.eos_token_id
         self.eos_token_ids = sorted({eos} if isinstance(eos, int) else set(eos))
         self.pad_token_id = tokenizer.pad_token_id
+        self.decoder = self._choose_decoder(decoder)
+        self.static_options = static_options or {}  # StaticDecoder keywords (cuda_graphs, ...)
 
-    def _processors(self, params: SamplingParams, recorder) -> LogitsProcessorList:
+    def _choose_decoder(self, decoder: str) -> str:
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder '{decoder}'; choose one of {', '.join(DECODERS)}")
+        reason = supports_static_decode(self.model)
+        if decoder == "static" and reason:
+            raise ValueError(f"the static decoder cannot run this model: {reason}")
+        if decoder == "auto":
+            on_cuda = next(self.model.parameters()).device.type == "cuda"
+            if on_cuda and reason:
+                log.info("decoding with generate: the static decoder does not support %s", reason)
+            return "static" if on_cuda and not reason else "generate"
+        return decoder
+
+    def _warpers(self, params: SamplingParams) -> list[LogitsProcessor]:
         procs = []
         if params.forking is not None:
             procs.append(ForkingTemperatureWarper(params.forking))
@@ -99,15 +149,20 @@ class HFEngine:
             procs.append(TopKLogitsWarper(top_k=params.top_k))
         if params.top_p < 1.0:
             procs.append(TopPLogitsWarper(top_p=params.top_p))
-        return LogitsProcessorList([*procs, recorder])
+        return procs
 
-    def _split(self, new_tokens: np.ndarray, logprobs: np.ndarray, max_new: int):
+    def _split(self, row: int, sample: int, tokens, logprobs, entropy, max_new: int) -> Generation:
         """Cut one row at its first EOS (kept as a generated token) or at max_new_tokens."""
-        hits = np.flatnonzero(np.isin(new_tokens, self.eos_token_ids))
-        if len(hits):
-            end = int(hits[0]) + 1
-            return new_tokens[:end], logprobs[:end], "stop"
-        return new_tokens[:max_new], logprobs[:max_new], "length"
+        hits = np.flatnonzero(np.isin(tokens, self.eos_token_ids))
+        end, reason = (int(hits[0]) + 1, "stop") if len(hits) else (max_new, "length")
+        return Generation(
+            row,
+            sample,
+            tokens[:end].astype(np.int32),
+            reason,
+            logprobs[:end].astype(np.float32),
+            None if entropy is None else entropy[:end].astype(np.float32),
+        )
 
     @torch.inference_mode()
     def generate(
@@ -116,12 +171,44 @@ class HFEngine:
         params: SamplingParams,
         progress: Progress | None = None,
     ) -> list[Generation]:
-        device = next(self.model.parameters()).device
         jobs = [
             (row, s)
             for row in range(len(prompt_token_ids))
             for s in range(params.samples_per_prompt)
         ]
+        if self.decoder == "static":  # longest prompts first: little padding, early OOM
+            jobs.sort(key=lambda job: -len(prompt_token_ids[job[0]]))
+        results: list[Generation] = []
+        samples_done = Counter()
+        finished_prompts = 0
+        t0 = time.perf_counter()
+        for start in range(0, len(jobs), self.batch_size):
+            batch = jobs[start : start + self.batch_size]
+            prompts = [prompt_token_ids[row] for row, _ in batch]
+            run = self._static_batch if self.decoder == "static" else self._generate_batch
+            tokens, logprobs, entropy = run(prompts, params, batch_seed(params.seed, start))
+            for b, (row, sample) in enumerate(batch):
+                results.append(
+                    self._split(
+                        row,
+                        sample,
+                        tokens[b],
+                        logprobs[b],
+                        None if entropy is None else entropy[b],
+                        params.max_new_tokens,
+                    )
+                )
+            for row, _ in batch:
+                samples_done[row] += 1
+                finished_prompts += samples_done[row] == params.samples_per_prompt
+            if progress is not None:
+                progress(finished_prompts, len(prompt_token_ids), time.perf_counter() - t0)
+        results.sort(key=lambda g: (g.prompt_row, g.sample_index))
+        return results
+
+    def _generate_batch(self, prompts, params: SamplingParams, seed: int):
+        """transformers' generate: tokens, logprobs (B, steps), entropy (B, steps) or None."""
+        device = next(self.model.parameters()).device
         config = GenerationConfig(
             do_sample=True,
             temperature=1.0,
@@ -131,32 +218,43 @@ class HFEngine:
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
         )
-        results: list[Generation] = []
-        t0 = time.perf_counter()
-        for start in range(0, len(jobs), self.batch_size):
-            batch = jobs[start : start + self.batch_size]
-            ids, mask, _ = left_pad([prompt_token_ids[row] for row, _ in batch], self.pad_token_id)
-            torch.manual_seed(batch_seed(params.seed, start))
-            recorder = _SampledLogprobRecorder()
-            out = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=config,
-                logits_processor=self._processors(params, recorder),
-            )
-            new = out[:, ids.shape[1] :]
-            logprobs = (
-                recorder.finish(new[:, -1]).numpy() if new.shape[1] else np.zeros((len(batch), 0))
-            )
-            new = new.cpu().numpy()
-            for b, (row, sample) in enumerate(batch):
-                tokens, lps, reason = self._split(new[b], logprobs[b], params.max_new_tokens)
-                results.append(
-                    Generation(row, sample, tokens.astype(np.int32), reason, lps.astype(np.float32))
-                )
-            if progress is not None:
-                done_prompts = batch[-1][0] + (
-                    1 if batch[-1][1] == params.samples_per_prompt - 1 else 0
-                )
-                progress(done_prompts, len(prompt_token_ids), time.perf_counter() - t0)
-        return results
+        ids, mask, _ = left_pad(prompts, self.pad_token_id)
+        torch.manual_seed(seed)
+        recorder = _SampledLogprobRecorder()
+        entropy = _EntropyRecorder(params.entropy_temperature) if params.record_entropy else None
+        out = self.model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+            logits_processor=LogitsProcessorList(
+                ([entropy] if entropy else []) + self._warpers(params) + [recorder]
+            ),
+        )
+        new = out[:, ids.shape[1] :]
+        logprobs = (
+            recorder.finish(new[:, -1]).numpy() if new.shape[1] else np.zeros((len(prompts), 0))
+        )
+        return (
+            new.cpu().numpy(),
+            logprobs,
+            None if entropy is None else entropy.finish(len(prompts)),
+        )
+
+    def _static_batch(self, prompts, params: SamplingParams, seed: int):
+        decoder = StaticDecoder(
+            self.model, self.eos_token_ids, self.pad_token_id, **self.static_options
+        )
+        generator = torch.Generator(device=decoder.device).manual_seed(seed)
+        sample = make_sampler(
+            LogitsProcessorList(self._warpers(params)),
+            params.entropy_temperature if params.record_entropy else None,
+            generator,
+        )
+        tokens, logprobs, entropy = decoder.decode(
+            prompts, params.max_new_tokens, sample, params.record_entropy
+        )
+        return (
+            tokens.cpu().numpy(),
+            logprobs.cpu().numpy(),
+            None if entropy is None else entropy.cpu().numpy(),
+        )

@@ -1,0 +1,348 @@
+"""The `hf` engine's decode loop for GPUs: static KV cache, CUDA graphs, finished rows retired.
+
+`generate` re-plans every step on the host and keeps a batch until its longest chain of thought
+ends. Here the whole batch lives in preallocated tensors and one decode step is
+
+    token (B, 1), position (B, 1), write column  ->  K/V written in place  ->  logits (B, V)
+
+which on CUDA is captured once per batch size as a CUDA graph and replayed. Rows are left-padded
+prompts; their K/V sit in cache columns, their RoPE positions are their own, and a (B, L) "valid"
+mask says which columns each row may attend to. Every `check_every` steps the host looks at how
+many rows are still running; when they fit in half the batch, the live rows (cache, mask,
+positions) are copied into a batch of the next power of two, so long-tail chains of thought do
+not keep paying for finished ones.
+
+Sampling is the same processor list as the `generate` path (temperature or forking temperature,
+top-k, top-p) followed by an exact categorical draw; the engine log-prob and, when asked, the
+full-vocabulary entropy under softmax(logits / T) are taken from the same fp32 logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+
+from entroflow.entropy import entropy_and_logprob
+from entroflow.fused_entropy import logits_entropy
+from entroflow.scoring import decoder_body, head_logits, left_pad, unwrap_peft
+
+log = logging.getLogger(__name__)
+
+
+class StaticKVCache:
+    """Keys and values per layer, (B, kv_heads, L, head_dim) each, written at `write_cols`.
+
+    Duck-types what transformers' attention layers call on a cache (`update`, and
+    `get_seq_length` where a model computes positions itself; we always pass positions).
+    """
+
+    def __init__(self, config, batch: int, length: int, dtype: torch.dtype, device):
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        shape = (batch, kv_heads, length, head_dim)
+        self.keys = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
+        ]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.write_cols = torch.zeros(1, dtype=torch.long, device=device)  # (q_len,)
+        self.visible: int | None = None  # columns attention sees (prefill: the prompt's)
+        self.seen = 0
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        self.keys[layer_idx].index_copy_(2, self.write_cols, key)
+        self.values[layer_idx].index_copy_(2, self.write_cols, value)
+        if self.visible is not None:
+            return self.keys[layer_idx][:, :, : self.visible], self.values[layer_idx][
+                :, :, : self.visible
+            ]
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def take_rows(self, source: StaticKVCache, rows: torch.Tensor) -> None:
+        for mine, theirs in zip(self.keys + self.values, source.keys + source.values, strict=True):
+            torch.index_select(theirs, 0, rows, out=mine)
+
+
+@dataclass
+class _Batch:
+    """Everything one decode step reads and writes, for one batch size."""
+
+    cache: StaticKVCache
+    valid: torch.Tensor  # (B, L) bool: cache columns each row may attend to
+    token: torch.Tensor  # (B, 1) long: the token fed at this step
+    position: torch.Tensor  # (B, 1) long: its RoPE position
+    column: torch.Tensor  # (1,) long: the cache column this step writes
+    job: torch.Tensor  # (B,) long: output row of each batch row (`spare` for padding rows)
+    finished: torch.Tensor  # (B,) bool
+    spare: int
+    visible: int = 0  # cache columns attention reads this step (a multiple of visible_step)
+    graph: torch.cuda.CUDAGraph | None = None  # captured for this size and `visible`
+    logits: torch.Tensor | None = None  # the graph's output (B, V) fp32
+
+    @property
+    def size(self) -> int:
+        return self.token.shape[0]
+
+
+GROUPED_ATTENTION = "entroflow_grouped"
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """sdpa for decoding with grouped-query attention, without copying K/V per query head.
+
+    query (B, Hq, Q, d), key/value (B, Hkv, L, d), attention_mask bool (B, 1, Q, L).
+    At Q = 1 the Hq/Hkv query heads that share a K/V head become rows of one query block, so
+    each K/V column is read once (transformers repeats K/V for every query head when a mask is
+    given: 7x the cache traffic for Qwen2.5-0.5B). Prefill (Q > 1) repeats K/V as usual.
+    Returns (B, Q, Hq, d), None like transformers' attention functions.
+    """
+    batch, heads, q_len, dim = query.shape
+    groups = heads // key.shape[1]
+    if q_len == 1 and groups > 1:
+        grouped = query.reshape(batch, key.shape[1], groups, dim)  # head h uses K/V h // groups
+        out = torch.nn.functional.scaled_dot_product_attention(
+            grouped, key, value, attn_mask=attention_mask, scale=scaling
+        )  # (B, Hkv, groups, d); the (B, 1, 1, L) mask broadcasts over the group rows
+        return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling
+    )  # (B, Hq, Q, d)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+
+
+def attention_masks(model, allowed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ready-made mask mapping a transformers decoder accepts: bool (B, 1, Q, L)."""
+    return {"full_attention": allowed}
+
+
+def supports_static_decode(model) -> str | None:
+    """None if this decode loop can run `model`, else the reason it cannot."""
+    lm = unwrap_peft(model)
+    kinds = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return f"layer types {sorted(kinds)} (only full attention is supported)"
+    if getattr(lm.config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported"
+    if lm.config._attn_implementation not in ("sdpa", "eager"):
+        return f"attention '{lm.config._attn_implementation}' (sdpa or eager are supported)"
+    return None
+
+
+def next_bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+class StaticDecoder:
+    """Samples up to `max_new_tokens` for a batch of prompts (one call per batch)."""
+
+    def __init__(
+        self,
+        model,
+        eos_token_ids,
+        pad_token_id: int,
+        *,
+        cuda_graphs: bool = True,
+        check_every: int = 16,
+        min_bucket: int = 8,
+        visible_step: int = 256,
+    ):
+        self.lm = unwrap_peft(model)
+        self.body = decoder_body(self.lm)
+        self.device = next(self.lm.parameters()).device
+        self.dtype = next(self.lm.parameters()).dtype
+        self.eos = torch.tensor(sorted(eos_token_ids), device=self.device)
+        self.pad_token_id = pad_token_id
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.check_every = check_every
+        self.min_bucket = min_bucket
+        self.visible_step = visible_step
+
+    # -- one step -------------------------------------------------------------------------------
+    def _forward(self, batch: _Batch) -> torch.Tensor:
+        """One decode step for every row: (B, V) fp32 logits. Graph-safe (no host syncs)."""
+        batch.valid.index_fill_(1, batch.column, True)
+        batch.cache.write_cols = batch.column
+        batch.cache.visible = batch.visible
+        hidden = self.body(
+            input_ids=batch.token,
+            position_ids=batch.position,
+            attention_mask=attention_masks(self.lm, batch.valid[:, None, None, : batch.visible]),
+            past_key_values=batch.cache,
+            use_cache=True,
+        ).last_hidden_state  # (B, 1, H)
+        return head_logits(self.lm, hidden[:, 0]).float()
+
+    def _step(self, batch: _Batch, column: int) -> torch.Tensor:
+        """Logits of the step that writes cache `column`. Attention reads the columns up to it,
+        rounded up to `visible_step` (a new graph every visible_step steps), not the whole cache."""
+        step = self.visible_step
+        visible = min(batch.valid.shape[1], (column // step + 1) * step)
+        if visible != batch.visible:
+            batch.visible, batch.graph, batch.logits = visible, None, None
+        if not self.cuda_graphs:
+            return self._forward(batch)
+        if batch.graph is None:
+            batch.graph, batch.logits = self._capture(batch)
+        if batch.graph is None:
+            return self._forward(batch)
+        batch.graph.replay()
+        return batch.logits
+
+    def _capture(self, batch: _Batch):
+        """Capture `_forward` for this batch; the warm-up runs repeat this step's own writes."""
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward(batch)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._forward(batch)
+            return graph, logits
+        except Exception as error:  # a model whose forward cannot be captured: stay eager
+            log.warning("CUDA graph capture failed (%s); decoding without graphs", error)
+            self.cuda_graphs = False
+            return None, None
+
+    # -- a batch --------------------------------------------------------------------------------
+    def _prefill(self, prompts, length: int, spare_row: int) -> tuple[_Batch, torch.Tensor]:
+        size = next_bucket(len(prompts), 1)
+        padded = list(prompts) + [[self.pad_token_id]] * (size - len(prompts))
+        ids, mask, positions = (t.to(self.device) for t in left_pad(padded, self.pad_token_id))
+        width = ids.shape[1]
+        valid = torch.zeros(size, length, dtype=torch.bool, device=self.device)
+        valid[:, :width] = mask.bool()
+        # Causal over the prompt columns; a pad query sees itself so no softmax row is empty.
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        prompt_mask = causal[None] & valid[:, None, :width]
+        prompt_mask |= torch.eye(width, dtype=torch.bool, device=self.device)[None]
+        cache = StaticKVCache(self.lm.config, size, length, self.dtype, self.device)
+        cache.write_cols = torch.arange(width, device=self.device)
+        cache.visible = width
+        hidden = self.body(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=attention_masks(self.lm, prompt_mask[:, None]),  # (B, 1, W, W)
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        cache.visible = None
+        cache.seen = width
+        logits = head_logits(self.lm, hidden[:, -1]).float()  # (B, V)
+        job = torch.arange(size, device=self.device).clamp(max=spare_row)
+        job[len(prompts) :] = spare_row
+        batch = _Batch(
+            cache=cache,
+            valid=valid,
+            token=torch.zeros(size, 1, dtype=torch.long, device=self.device),
+            position=positions[:, -1:].clone(),
+            column=torch.full((1,), width - 1, dtype=torch.long, device=self.device),
+            job=job,
+            finished=job == spare_row,
+            spare=spare_row,
+        )
+        return batch, logits
+
+    def _shrink(self, batch: _Batch, live: torch.Tensor, length: int) -> _Batch:
+        """A smaller batch holding the rows in `live` (and copies of its first row as padding)."""
+        size = next_bucket(len(live), self.min_bucket)
+        rows = torch.cat([live, live[:1].expand(size - len(live))])
+        cache = StaticKVCache(self.lm.config, size, length, self.dtype, self.device)
+        cache.take_rows(batch.cache, rows)
+        finished = torch.ones(size, dtype=torch.bool, device=self.device)
+        finished[: len(live)] = False
+        return _Batch(
+            cache=cache,
+            valid=batch.valid[rows].clone(),
+            token=batch.token[rows].clone(),
+            position=batch.position[rows].clone(),
+            column=batch.column.clone(),
+            job=batch.job[rows].masked_fill(finished, batch.spare),
+            finished=finished,
+            spare=batch.spare,
+        )
+
+    def decode(self, prompts, max_new_tokens: int, sample, record_entropy: bool):
+        """See `_decode`; attention runs through `grouped_attention` meanwhile."""
+        config = self.lm.config
+        previous = config._attn_implementation
+        config._attn_implementation = GROUPED_ATTENTION
+        try:
+            return self._decode(prompts, max_new_tokens, sample, record_entropy)
+        finally:
+            config._attn_implementation = previous
+
+    @torch.inference_mode()
+    def _decode(self, prompts, max_new_tokens: int, sample, record_entropy: bool):
+        """Returns tokens (N, max_new), logprobs (N, max_new), entropy (N, max_new) or None.
+
+        `sample(logits (B, V) fp32) -> (tokens (B,), logprobs (B,), entropy (B,) | None)`.
+        Rows are cut at EOS by the caller; positions after a row's EOS hold whatever was sampled.
+        """
+        n = len(prompts)
+        width = max(len(p) for p in prompts)
+        length = width + max_new_tokens
+        out_tokens = torch.full((n + 1, max_new_tokens), self.pad_token_id, device=self.device)
+        out_logprobs = torch.zeros(n + 1, max_new_tokens, device=self.device)
+        out_entropy = (
+            torch.zeros(n + 1, max_new_tokens, device=self.device) if record_entropy else None
+        )
+        batch, logits = self._prefill(prompts, length, spare_row=n)
+        for t in range(max_new_tokens):
+            tokens, logprobs, entropy = sample(logits)
+            out_tokens[batch.job, t] = tokens
+            out_logprobs[batch.job, t] = logprobs
+            if out_entropy is not None:
+                out_entropy[batch.job, t] = entropy
+            batch.finished |= torch.isin(tokens, self.eos)
+            if t == max_new_tokens - 1:
+                break
+            batch.token.copy_(tokens[:, None])
+            if (t + 1) % self.check_every == 0:
+                live = torch.nonzero(~batch.finished).squeeze(1)  # host sync, every few steps
+                if len(live) == 0:
+                    break
+                if next_bucket(len(live), self.min_bucket) < batch.size:
+                    batch = self._shrink(batch, live, length)
+            batch.position.add_(1)
+            batch.column.fill_(width + t)
+            logits = self._step(batch, width + t)
+        return out_tokens[:n], out_logprobs[:n], None if out_entropy is None else out_entropy[:n]
+
+
+def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One exact draw per row of probs (B, V): argmax p / E with E ~ Exp(1) (no host sync)."""
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+def make_sampler(processors, entropy_temperature: float | None, generator):
+    """sample(logits) for StaticDecoder.decode from a transformers processor list."""
+
+    def sample(logits: torch.Tensor):
+        entropy = None
+        if entropy_temperature is not None and logits.device.type == "cuda":
+            entropy = logits_entropy(logits, entropy_temperature)  # one kernel, two reads
+        elif entropy_temperature is not None:
+            entropy, _ = entropy_and_logprob(logits, None, temperature=entropy_temperature)
+        scores = processors(None, logits)
+        logp = torch.log_softmax(scores, -1)
+        tokens = categorical(logp.exp(), generator)
+        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1), entropy
+
+    return sample

@@ -1,0 +1,145 @@
+"""The static-cache decode loop (the `hf` engine's GPU path) against the scorer and `generate`.
+
+On CPU it runs without CUDA graphs; rows are retired into smaller batches as they finish (the
+tests make EOS frequent so that happens), which must not change any row's values.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from entroflow.engines import ForkingTemperature, SamplingParams, static_decode
+from entroflow.engines.hf import HFEngine
+from entroflow.scoring import score_responses
+from tests.conftest import make_tiny_model
+
+EOS = list(range(3, 40))  # many "EOS" tokens: rows stop at scattered depths
+STATIC = {"check_every": 2, "min_bucket": 1, "visible_step": 8}  # retire and window early
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    return make_tiny_model(tiny_tokenizer, seed=11)
+
+
+def prompts_for(vocab, n, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(40, vocab, rng.integers(1, 14)).tolist() for _ in range(n)]
+
+
+@pytest.fixture
+def shrinks(monkeypatch):
+    calls = []
+    original = static_decode.StaticDecoder._shrink
+
+    def spy(self, batch, live, length):
+        calls.append((batch.size, len(live)))
+        return original(self, batch, live, length)
+
+    monkeypatch.setattr(static_decode.StaticDecoder, "_shrink", spy)
+    return calls
+
+
+@pytest.mark.parametrize("temperature,attention", [(1.0, "sdpa"), (0.7, "sdpa"), (0.7, "eager")])
+def test_logprobs_and_inline_entropy_match_the_scorer(
+    model, tiny_tokenizer, shrinks, temperature, attention, monkeypatch
+):
+    monkeypatch.setattr(model.config, "_attn_implementation", attention)
+    engine = HFEngine(
+        model,
+        tiny_tokenizer,
+        batch_size=7,
+        eos_token_ids=EOS,
+        decoder="static",
+        static_options=STATIC,
+    )
+    prompts = prompts_for(len(tiny_tokenizer), 5, seed=1)
+    params = SamplingParams(
+        temperature=temperature,
+        max_new_tokens=24,
+        samples_per_prompt=3,
+        seed=2,
+        record_entropy=True,
+    )
+    gens = engine.generate(prompts, params)
+    assert [(g.prompt_row, g.sample_index) for g in gens] == [
+        (r, s) for r in range(5) for s in range(3)
+    ]
+    assert shrinks, "no batch was retired into a smaller one: the test does not cover it"
+    lengths = {len(g.token_ids) for g in gens}
+    assert len(lengths) > 3  # scattered stopping depths
+    for g in gens:
+        stop = np.isin(g.token_ids, EOS)
+        assert (g.finish_reason == "stop") == bool(stop.any()) and not stop[:-1].any()
+        assert g.finish_reason == "stop" or len(g.token_ids) == 24
+    scored = score_responses(
+        model,
+        [prompts[g.prompt_row] for g in gens],
+        [g.token_ids for g in gens],
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        temperature=temperature,
+    )
+    for g, s in zip(gens, scored, strict=True):
+        # Same fp32 model, different batching and attention masks: rounding only.
+        np.testing.assert_allclose(g.engine_logprob, s.logprob, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(g.entropy, s.entropy, atol=2e-5, rtol=1e-5)
+
+
+def test_greedy_tokens_equal_generate(model, tiny_tokenizer, shrinks):
+    prompts = prompts_for(len(tiny_tokenizer), 9, seed=3)
+    params = SamplingParams(top_k=1, max_new_tokens=20, record_entropy=True)
+    runs = {}
+    for decoder in ("generate", "static"):
+        engine = HFEngine(
+            model, tiny_tokenizer, batch_size=4, eos_token_ids=EOS, decoder=decoder,
+            static_options=STATIC if decoder == "static" else None,
+        )  # fmt: skip
+        runs[decoder] = engine.generate(prompts, params)
+    assert shrinks
+    for a, b in zip(runs["generate"], runs["static"], strict=True):
+        assert a.token_ids.tolist() == b.token_ids.tolist() and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.entropy, b.entropy, atol=2e-5, rtol=1e-5)
+
+
+def test_forking_temperature_and_top_p_run_on_the_static_path(model, tiny_tokenizer):
+    prompts = prompts_for(len(tiny_tokenizer), 4, seed=5)
+    forking = ForkingTemperature(threshold=2.0, t_high=1.5, t_low=0.5)
+    engine = HFEngine(model, tiny_tokenizer, batch_size=8, decoder="static", static_options=STATIC)
+    gens = engine.generate(prompts, SamplingParams(top_p=0.9, max_new_tokens=10, forking=forking))
+    assert len(gens) == 4 and all(np.isfinite(g.engine_logprob).all() for g in gens)
+    assert all(g.entropy is None for g in gens)
+
+
+def test_same_seed_same_samples(model, tiny_tokenizer):
+    prompts = prompts_for(len(tiny_tokenizer), 3, seed=6)
+    engine = HFEngine(model, tiny_tokenizer, batch_size=2, decoder="static", eos_token_ids=EOS)
+    params = SamplingParams(max_new_tokens=12, samples_per_prompt=2, seed=9)
+    a, b = engine.generate(prompts, params), engine.generate(prompts, params)
+    assert [g.token_ids.tolist() for g in a] == [g.token_ids.tolist() for g in b]
+
+
+def test_decoder_choice(model, tiny_tokenizer):
+    assert HFEngine(model, tiny_tokenizer).decoder == "generate"  # auto: static on CUDA only
+    with pytest.raises(ValueError, match="unknown decoder"):
+        HFEngine(model, tiny_tokenizer, decoder="fast")
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match="flash_attention_2"):
+            HFEngine(model, tiny_tokenizer, decoder="static")
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+def test_cuda_graphs_match_eager(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer, seed=12).cuda()
+    prompts = prompts_for(len(tiny_tokenizer), 6, seed=7)
+    params = SamplingParams(max_new_tokens=16, samples_per_prompt=2, seed=4, record_entropy=True)
+    runs = [
+        HFEngine(model, tiny_tokenizer, batch_size=8, eos_token_ids=EOS, decoder="static",
+                 static_options={**STATIC, "cuda_graphs": graphs}).generate(prompts, params)
+        for graphs in (False, True)
+    ]  # fmt: skip
+    for a, b in zip(*runs, strict=True):
+        assert a.token_ids.tolist() == b.token_ids.tolist()
+        np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-5)

@@ -4,8 +4,10 @@ Finished batches are saved under `<output>.partial/`; a rerun after preemption c
 """
 
 import dataclasses
+import types
 
 import torch
+from transformers import AutoConfig
 
 from entroflow.datasets import read_problems
 from entroflow.engines import SamplingParams, get_engine
@@ -23,14 +25,28 @@ shard, n_shards = int(snakemake.wildcards.shard), int(snakemake.wildcards.n_shar
 
 problems = read_problems(snakemake.input.problems)
 tokenizer = load_tokenizer(model_dir)
-model = load_model(model_dir, dtype=model_cfg["dtype"])
+if gen["engine"] == "sglang":  # sglang loads the weights itself, on its own GPUs
+    model = types.SimpleNamespace(config=AutoConfig.from_pretrained(model_dir))
+    engine = get_engine(
+        "sglang",
+        model_path=model_dir,
+        tokenizer=tokenizer,
+        batch_size=gen["batch_size"],
+        tp_size=gen["tensor_parallel_size"],
+        dtype=model_cfg["dtype"],
+        seed=gen["sampling"]["seed"] + shard,
+    )
+    device = f"cuda (sglang, tensor parallel {gen['tensor_parallel_size']})"
+else:
+    model = load_model(model_dir, dtype=model_cfg["dtype"])
+    engine = get_engine("hf", model=model, tokenizer=tokenizer, batch_size=gen["batch_size"])
+    device = str(next(model.parameters()).device)
 prompt_ids = encode_prompts(
     tokenizer,
     list(problems["prompt"]),
     model_cfg["system_prompt"],
     model_cfg["chat_template_kwargs"],
 )
-engine = get_engine(gen["engine"], model=model, tokenizer=tokenizer, batch_size=gen["batch_size"])
 params = SamplingParams(**gen["sampling"])
 # One engine batch of sequences per saved batch.
 prompts_per_batch = max(1, gen["batch_size"] // params.samples_per_prompt)
@@ -60,7 +76,7 @@ table = generate_shard(
         "model_revision": model_cfg["revision"] or "",
         "dataset": gen["dataset"],
         "engine": gen["engine"],
-        "device": str(next(model.parameters()).device),
+        "device": device,
     },
     progress=ProgressLog("generated", "prompts", log),
     prompts_per_batch=prompts_per_batch,

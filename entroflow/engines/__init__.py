@@ -14,9 +14,9 @@ def get_engine(name: str, **kwargs) -> Engine:
 
         return HFEngine(**kwargs)
     if name == "sglang":
-        raise NotImplementedError(
-            "the sglang engine is not implemented yet (planned behind this interface); use engine: hf"
-        )
+        from entroflow.engines.sglang import SGLangEngine
+
+        return SGLangEngine(**kwargs)
     raise ValueError(f"unknown engine '{name}'; available: {', '.join(ENGINES)}")
 
 

@@ -108,12 +108,22 @@ def get_model_settings(wildcards):
 
 def get_generation_settings(wildcards):
     exp = get_experiment(wildcards)
-    return {
+    settings = {
         "dataset": exp["dataset"],
         "engine": exp["engine"],
         "batch_size": exp["batch_size"],
         "sampling": exp["sampling"],
     }
+    if (
+        exp["engine"] == "sglang"
+    ):  # only there, so hf experiments' params stay as they were
+        settings["tensor_parallel_size"] = exp["tensor_parallel_size"]
+    return settings
+
+
+def get_generation_gpus(wildcards):
+    exp = get_experiment(wildcards)
+    return exp["tensor_parallel_size"] if exp["engine"] == "sglang" else 1
 
 
 def get_scored_shards(wildcards):

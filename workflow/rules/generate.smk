@@ -12,7 +12,7 @@ rule generate_responses:
         "../../envs/entroflow.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=get_generation_gpus,
         runtime=720,
     params:
         library=library("generate_responses"),

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test test-slow lint format bench dry-run clean
+.PHONY: venv demo test test-slow lint format bench bench-gpu dry-run clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ bench: venv
 	test -f results/runs/demo/delta_h/checkpoint-10.h5 || $(BIN)/snakemake results/runs/demo/delta_h/checkpoint-10.h5
 	$(BIN)/python bench/delta_h_fisher_cost.py
 	$(BIN)/python bench/viewer_load.py
+	$(BIN)/python bench/cpu_scoring_memory.py
+
+bench-gpu:  # on a CUDA machine with torch + triton (random-weight Qwen2.5 shapes; ~10 min on an H100)
+	PYTHONPATH=$(CURDIR) python bench/gpu_scoring.py
+	PYTHONPATH=$(CURDIR) python bench/gpu_generation.py
+	PYTHONPATH=$(CURDIR) python bench/gpu_generation.py --shape 1.5B --variable-prompts 0
+	PYTHONPATH=$(CURDIR) python bench/gpu_decode_steps.py
 
 dry-run: venv
 	$(BIN)/snakemake -n --profile profiles/default

@@ -125,6 +125,7 @@ class HFEngine:
         self.pad_token_id = tokenizer.pad_token_id
         self.decoder = self._choose_decoder(decoder)
         self.static_options = static_options or {}  # StaticDecoder keywords (cuda_graphs, ...)
+        self._static: StaticDecoder | None = None  # one per engine: a failed graph capture sticks
 
     def _choose_decoder(self, decoder: str) -> str:
         if decoder not in DECODERS:
@@ -241,9 +242,11 @@ class HFEngine:
         )
 
     def _static_batch(self, prompts, params: SamplingParams, seed: int):
-        decoder = StaticDecoder(
-            self.model, self.eos_token_ids, self.pad_token_id, **self.static_options
-        )
+        if self._static is None:
+            self._static = StaticDecoder(
+                self.model, self.eos_token_ids, self.pad_token_id, **self.static_options
+            )
+        decoder = self._static
         generator = torch.Generator(device=decoder.device).manual_seed(seed)
         sample = make_sampler(
             LogitsProcessorList(self._warpers(params)),

@@ -7,10 +7,12 @@ ends. Here the whole batch lives in preallocated tensors and one decode step is
 
 which on CUDA is captured once per batch size as a CUDA graph and replayed. Rows are left-padded
 prompts; their K/V sit in cache columns, their RoPE positions are their own, and a (B, L) "valid"
-mask says which columns each row may attend to. Every `check_every` steps the host looks at how
-many rows are still running; when they fit in half the batch, the live rows (cache, mask,
-positions) are copied into a batch of the next power of two, so long-tail chains of thought do
-not keep paying for finished ones.
+mask says which columns each row may attend to. Attention reads only the columns written so far
+(rounded up to 256, one graph per window) and, for grouped-query models, each K/V head once
+(`grouped_attention`). Every `check_every` steps the host looks at how many rows are still
+running; when they fit in half the batch, the live rows (cache, mask, positions) are copied into
+a batch of the next power of two, so long-tail chains of thought do not keep paying for
+finished ones.
 
 Sampling is the same processor list as the `generate` path (temperature or forking temperature,
 top-k, top-p) followed by an exact categorical draw; the engine log-prob and, when asked, the
@@ -123,11 +125,6 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, *
 AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
 
 
-def attention_masks(model, allowed: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The ready-made mask mapping a transformers decoder accepts: bool (B, 1, Q, L)."""
-    return {"full_attention": allowed}
-
-
 def supports_static_decode(model) -> str | None:
     """None if this decode loop can run `model`, else the reason it cannot."""
     lm = unwrap_peft(model)
@@ -179,7 +176,7 @@ class StaticDecoder:
         hidden = self.body(
             input_ids=batch.token,
             position_ids=batch.position,
-            attention_mask=attention_masks(self.lm, batch.valid[:, None, None, : batch.visible]),
+            attention_mask={"full_attention": batch.valid[:, None, None, : batch.visible]},
             past_key_values=batch.cache,
             use_cache=True,
         ).last_hidden_state  # (B, 1, H)
@@ -237,15 +234,15 @@ class StaticDecoder:
         hidden = self.body(
             input_ids=ids,
             position_ids=positions,
-            attention_mask=attention_masks(self.lm, prompt_mask[:, None]),  # (B, 1, W, W)
+            attention_mask={"full_attention": prompt_mask[:, None]},  # (B, 1, W, W), ready-made
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
         cache.visible = None
         cache.seen = width
         logits = head_logits(self.lm, hidden[:, -1]).float()  # (B, V)
-        job = torch.arange(size, device=self.device).clamp(max=spare_row)
-        job[len(prompts) :] = spare_row
+        job = torch.arange(size, device=self.device)
+        job[len(prompts) :] = spare_row  # padding rows write to the spare output row
         batch = _Batch(
             cache=cache,
             valid=valid,

@@ -26,17 +26,26 @@ def _scaled(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> tor
 def _entropy_logprob_rows(
     z: torch.Tensor, labels: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """z: (R, V) already scaled and upcast. Returns H (R,), log p(label) (R,) or None."""
-    log_z = torch.logsumexp(z, dim=-1)  # (R,)
-    log_p = z - log_z[:, None]  # (R, V)
-    # -Σ p log p (not log Z - Σ p z, which cancels badly when log Z is large); 0 · -inf := 0.
-    p_log_p = torch.where(
-        log_p > float("-inf"), log_p.exp() * log_p, torch.zeros((), dtype=z.dtype, device=z.device)
-    )
-    entropy = -p_log_p.sum(-1)
+    """z: (R, V) already scaled and upcast. Returns H (R,), log p(label) (R,) or None.
+
+    With m the row max, d = z - m, r = Σ e^d - 1 and b = Σ d e^d: H = log1p(r) - b / (1 + r),
+    log Z = m + log1p(r). The 1 of the max entries is counted exactly (d == 0) rather than
+    summed and subtracted, so near-deterministic rows keep their relative accuracy (-Σ p log p
+    rounds p_top to 1 and loses the top token's share once r is below the epsilon); and nothing
+    cancels against log Z ~ 30. The fused GPU kernel uses the same form.
+    """
+    m = z.max(dim=-1, keepdim=True).values  # (R, 1)
+    d = z - m  # (R, V), <= 0; -inf stays -inf
+    e = d.exp()
+    at_max = d == 0
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    r = torch.where(at_max, zero, e).sum(-1) + (at_max.sum(-1).to(z.dtype) - 1)  # (R,)
+    b = torch.where(e > 0, d * e, zero).sum(-1)  # 0 · -inf := 0
+    log_s = torch.log1p(r)
+    entropy = log_s - b / (1 + r)
     logprob = None
     if labels is not None:
-        logprob = z.gather(-1, labels[:, None]).squeeze(-1) - log_z
+        logprob = d.gather(-1, labels[:, None]).squeeze(-1) - log_s
     return entropy, logprob
 
 

@@ -77,6 +77,21 @@ def test_extreme_rows(fn):
     torch.testing.assert_close(lp.double(), lp_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_near_deterministic_rows_keep_relative_accuracy():
+    """Entropies down to ~1e-20: float64 -Σ p log p rounds p_top to 1 there, so the exact value
+    comes from r = Σ_{i≠top} e^(z_i - max) and b = Σ (z_i - max) e^(z_i - max) in float64."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(20, 1000, generator=g, dtype=torch.float64)
+    z[:, 0] += torch.linspace(10, 50, 20, dtype=torch.float64)  # gaps of 10..50 nats
+    d = z - z.max(-1, keepdim=True).values
+    e = d.exp().scatter(-1, d.argmax(-1, keepdim=True), 0.0)
+    r, b = e.sum(-1), (d * e).sum(-1)
+    exact = torch.log1p(r) - b / (1 + r)
+    h, _ = entropy_and_logprob(z.float(), chunk_rows=7)
+    assert exact.min() < 1e-16
+    torch.testing.assert_close(h.double(), exact, atol=0, rtol=1e-4)
+
+
 def test_uniform_is_log_vocab_and_shapes_are_kept():
     logits = torch.zeros(2, 3, 50)
     h, lp = entropy_and_logprob(logits, torch.zeros(2, 3, dtype=torch.long))

@@ -1,12 +1,10 @@
 """Exact full-vocabulary entropy and label log-probs from logits, with bounded memory.
 
 Convention (recorded in every output file): p = softmax(logits / T), before any top-p / top-k
-truncation, entropies in nats. Two equivalent forms:
-
-- `entropy_and_logprob`: row-chunked; each chunk is upcast to fp32 (or fp64) on its own, so the
-  peak extra memory is [chunk_rows, V] in the accumulation dtype, never [tokens, V].
-- `streaming_entropy_and_logprob`: one pass over vocabulary tiles keeping three running values
-  per row (max m, s = Σ e^{z-m}, b = Σ z·e^{z-m}); the form a fused GPU kernel uses.
+truncation, entropies in nats. `entropy_and_logprob` is row-chunked: each chunk is upcast to
+fp32 (or fp64) on its own, so the peak extra memory is [chunk_rows, V] in the accumulation
+dtype, never [tokens, V]. On CUDA the scorer skips logits altogether (`fused_entropy.py`, the
+same r/b form streamed over vocabulary tiles).
 """
 
 from __future__ import annotations
@@ -76,46 +74,3 @@ def entropy_and_logprob(
         if logprob is not None:
             logprob[start:stop] = lp
     return entropy.reshape(lead), None if logprob is None else logprob.reshape(lead)
-
-
-def streaming_entropy_and_logprob(
-    logits: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    vocab_tile: int = 8192,
-    accum_dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same values as `entropy_and_logprob`, computed in one pass over vocabulary tiles.
-
-    Running values per row: m (max), s = Σ e^{z-m}, b = Σ z·e^{z-m}; when m grows both are
-    rescaled by e^{m_old - m_new}. Then log Z = m + log s, H = log Z - b/s.
-    """
-    lead = logits.shape[:-1]
-    flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
-    n, vocab = flat.shape
-    dev = logits.device
-    m = torch.full((n,), float("-inf"), dtype=accum_dtype, device=dev)
-    s = torch.zeros(n, dtype=accum_dtype, device=dev)
-    b = torch.zeros(n, dtype=accum_dtype, device=dev)
-    label_z = None
-    if labels is not None:
-        flat_labels = labels.reshape(-1)
-        label_z = _scaled(
-            flat.gather(-1, flat_labels[:, None]).squeeze(-1), temperature, accum_dtype
-        )
-    for start in range(0, vocab, vocab_tile):
-        z = _scaled(flat[:, start : start + vocab_tile], temperature, accum_dtype)  # (N, tile)
-        m_new = torch.maximum(m, z.max(-1).values)
-        # Rows whose max is still -inf have s = b = 0; keep the rescale finite for them.
-        safe_m_new = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        scale = torch.where(torch.isfinite(m), torch.exp(m - safe_m_new), torch.zeros_like(m))
-        e = torch.exp(z - safe_m_new[:, None])  # (N, tile), 0 where z = -inf
-        ez = torch.where(e > 0, e * z, torch.zeros((), dtype=accum_dtype, device=dev))
-        s = s * scale + e.sum(-1)
-        b = b * scale + ez.sum(-1)
-        m = m_new
-    log_z = m + torch.log(s)
-    entropy = log_z - b / s
-    logprob = None if label_z is None else (label_z - log_z).reshape(lead)
-    return entropy.reshape(lead), logprob

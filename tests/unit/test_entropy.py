@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from entroflow.entropy import entropy_and_logprob, streaming_entropy_and_logprob
+from entroflow.entropy import entropy_and_logprob
 
 
 def reference(logits, labels, temperature):
@@ -26,16 +26,15 @@ def tolerance(dtype):
     return {"atol": 2e-4, "rtol": 1e-4}
 
 
-@pytest.mark.parametrize("fn", [entropy_and_logprob, streaming_entropy_and_logprob])
 @pytest.mark.parametrize("vocab", [7, 1000, 151_936])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
-def test_matches_float64_reference(fn, vocab, dtype, temperature):
+def test_matches_float64_reference(vocab, dtype, temperature):
     rows = 6 if vocab > 10_000 else 37
     logits = make_logits(rows, vocab, dtype)
     labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(1))
-    kwargs = {"chunk_rows": 5} if fn is entropy_and_logprob else {"vocab_tile": 997}
-    h, lp = fn(logits, labels, temperature=temperature, **kwargs)
+    kwargs = {"chunk_rows": 5}
+    h, lp = entropy_and_logprob(logits, labels, temperature=temperature, **kwargs)
     h_ref, lp_ref = reference(logits, labels, temperature)
     assert h.dtype == torch.float32
     torch.testing.assert_close(h.double(), h_ref, **tolerance(dtype))
@@ -52,8 +51,7 @@ def test_chunk_size_does_not_change_values(chunk):
     torch.testing.assert_close(lp1, lp2, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("fn", [entropy_and_logprob, streaming_entropy_and_logprob])
-def test_extreme_rows(fn):
+def test_extreme_rows():
     vocab = 300
     neg_inf = float("-inf")
     rows = torch.zeros(5, vocab)
@@ -64,8 +62,8 @@ def test_extreme_rows(fn):
     rows[3] = torch.linspace(-80, 80, vocab)  # huge dynamic range
     rows[4, ::2] = neg_inf  # alternate masking, remaining uniform over 150
     labels = torch.tensor([3, 5, 7, vocab - 1, 1])
-    kwargs = {"vocab_tile": 64} if fn is streaming_entropy_and_logprob else {"chunk_rows": 2}
-    h, lp = fn(rows, labels, **kwargs)
+    kwargs = {"chunk_rows": 2}
+    h, lp = entropy_and_logprob(rows, labels, **kwargs)
     assert torch.isfinite(h).all() and torch.isfinite(lp).all()
     assert h[0].item() == pytest.approx(0.0, abs=1e-7)
     assert lp[0].item() == pytest.approx(0.0, abs=1e-7)

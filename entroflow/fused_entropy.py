@@ -173,6 +173,7 @@ if triton is not None:
         tl.store(out_ptr + tl.program_id(0), _log1p(r_all) - b_all / (1.0 + r_all))
 
 
+INT32_LIMIT = 2**31
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), measured on an H100 (docs/benchmarks.md).
 CUDA_CONFIG = (128, 256, 64, 8, 3)
 INTERPRETER_CONFIG = (16, 32, 16, 1, 1)
@@ -232,7 +233,26 @@ def fused_entropy_and_logprob(
         )
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden is {hidden.dtype} but the weight is {weight.dtype}")
+    if weight.shape[0] * weight.stride(0) >= INT32_LIMIT:
+        raise ValueError(
+            f"unembedding {tuple(weight.shape)} too large for the kernel's int32 offsets"
+        )
     rows, width = hidden.shape
+    max_rows = INT32_LIMIT // max(1, hidden.stride(0)) // 1024 * 1024
+    if rows > max_rows:  # offsets are int32 in the kernel: score such batches in row chunks
+        parts = [
+            fused_entropy_and_logprob(
+                hidden[start : start + max_rows],
+                weight,
+                None if labels is None else labels.reshape(-1)[start : start + max_rows],
+                temperature=temperature,
+                cols_per_split=cols_per_split,
+                config=config,
+            )
+            for start in range(0, rows, max_rows)
+        ]
+        entropy = torch.cat([h for h, _ in parts])
+        return entropy, None if labels is None else torch.cat([lp for _, lp in parts])
     vocab = weight.shape[0]
     block_m, block_n, block_k, warps, stages = config or (
         INTERPRETER_CONFIG if hidden.device.type == "cpu" else CUDA_CONFIG

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from entroflow.entropy import entropy_and_logprob
-from entroflow.fused_entropy import fused_entropy_and_logprob, fused_supported
+from entroflow.fused_entropy import INT32_LIMIT, fused_entropy_and_logprob, fused_supported
 from entroflow.journal import BatchJournal, load_or_compute
 
 
@@ -120,8 +120,11 @@ def choose_head_method(
     if method == "chunked":
         return method
     reasons = []
-    if fusable_head_weight(lm) is None:
+    weight = fusable_head_weight(lm)
+    if weight is None:
         reasons.append("the LM head is not a plain bias-free Linear without soft-capping")
+    elif weight.numel() >= INT32_LIMIT:
+        reasons.append(f"the unembedding {tuple(weight.shape)} exceeds the kernel's int32 offsets")
     if needs_grad:
         reasons.append("gradients are needed (the kernel has no backward)")
     if accum_dtype != torch.float32:

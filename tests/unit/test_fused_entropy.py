@@ -92,6 +92,19 @@ def test_without_labels_and_edge_sizes():
     assert empty.shape == (0,)
 
 
+def test_row_chunks_for_int32_offsets(monkeypatch):
+    hidden, weight, labels = make_inputs(37, 16, 100, torch.float32)
+    whole = fused_entropy_and_logprob(hidden, weight, labels)
+    monkeypatch.setattr(fused_entropy, "INT32_LIMIT", 16 * 1024)  # -> chunks of 1,024 rows
+    assert fused_entropy.INT32_LIMIT // 16 // 1024 * 1024 == 1024
+    big = hidden.repeat(30, 1)  # 1,110 rows: two chunks
+    h, lp = fused_entropy_and_logprob(big, weight, labels.repeat(30))
+    torch.testing.assert_close(h, whole[0].repeat(30), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lp, whole[1].repeat(30), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="int32"):
+        fused_entropy_and_logprob(hidden, torch.zeros(1100, 16))
+
+
 def test_bad_input_is_refused():
     hidden, weight, labels = make_inputs(4, 16, 50, torch.float32)
     with pytest.raises(ValueError, match="temperature"):

@@ -67,9 +67,19 @@ class StaticKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
-    def take_rows(self, source: StaticKVCache, rows: torch.Tensor) -> None:
-        for mine, theirs in zip(self.keys + self.values, source.keys + source.values, strict=True):
-            torch.index_select(theirs, 0, rows, out=mine)
+    @classmethod
+    def moved_rows(cls, source: StaticKVCache, rows: torch.Tensor) -> StaticKVCache:
+        """A cache of `rows` of `source`, freeing each source layer once copied: while a batch
+        shrinks, memory peaks one layer above the old cache, not at two whole caches."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values = [], []
+        for mine, theirs in ((cache.keys, source.keys), (cache.values, source.values)):
+            for i in range(len(theirs)):
+                mine.append(theirs[i].index_select(0, rows))
+                theirs[i] = None
+        cache.write_cols = source.write_cols.clone()
+        cache.visible, cache.seen = None, source.seen
+        return cache
 
 
 @dataclass
@@ -255,12 +265,12 @@ class StaticDecoder:
         )
         return batch, logits
 
-    def _shrink(self, batch: _Batch, live: torch.Tensor, length: int) -> _Batch:
+    def _shrink(self, batch: _Batch, live: torch.Tensor) -> _Batch:
         """A smaller batch holding the rows in `live` (and copies of its first row as padding)."""
         size = next_bucket(len(live), self.min_bucket)
         rows = torch.cat([live, live[:1].expand(size - len(live))])
-        cache = StaticKVCache(self.lm.config, size, length, self.dtype, self.device)
-        cache.take_rows(batch.cache, rows)
+        batch.graph = batch.logits = None  # the old graph holds the old cache's memory
+        cache = StaticKVCache.moved_rows(batch.cache, rows)
         finished = torch.ones(size, dtype=torch.bool, device=self.device)
         finished[: len(live)] = False
         return _Batch(
@@ -315,7 +325,7 @@ class StaticDecoder:
                 if len(live) == 0:
                     break
                 if next_bucket(len(live), self.min_bucket) < batch.size:
-                    batch = self._shrink(batch, live, length)
+                    batch = self._shrink(batch, live)
             batch.position.add_(1)
             batch.column.fill_(width + t)
             logits = self._step(batch, width + t)

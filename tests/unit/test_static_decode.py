@@ -32,9 +32,9 @@ def shrinks(monkeypatch):
     calls = []
     original = static_decode.StaticDecoder._shrink
 
-    def spy(self, batch, live, length):
+    def spy(self, batch, live):
         calls.append((batch.size, len(live)))
-        return original(self, batch, live, length)
+        return original(self, batch, live)
 
     monkeypatch.setattr(static_decode.StaticDecoder, "_shrink", spy)
     return calls

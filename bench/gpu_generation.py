@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import torch
-from gpu_common import random_qwen
+from gpu_common import cuda_seconds, random_qwen
 
 from entroflow.engines import SamplingParams
 from entroflow.engines.hf import HFEngine
@@ -57,18 +57,10 @@ def fixed_length(model, n, prompt_len, new, profile=False, repeat=3) -> dict:
                              pad_token_id=_Tok.pad_token_id)  # fmt: skip
         return out
 
-    rows = {}
-    start = time.perf_counter()
-    hf_generate()
-    torch.cuda.synchronize()
-    rows["generate(static): warm-up incl. compile"] = time.perf_counter() - start
-    runs = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        hf_generate()
-        torch.cuda.synchronize()
-        runs.append(time.perf_counter() - start)
-    rows["generate(static)"] = float(np.median(runs))
+    rows = {
+        "generate(static): warm-up incl. compile": cuda_seconds(hf_generate, repeat=1, warmup=0),
+        "generate(static)": cuda_seconds(hf_generate, repeat=repeat, warmup=0),
+    }
     never = [151_935]  # an EOS id the runs below may hit by chance (p ~ 1/151936 per token)
     with_entropy = SamplingParams(max_new_tokens=new, record_entropy=True)
     without = SamplingParams(max_new_tokens=new)

@@ -17,6 +17,7 @@ step merges the splits' partial values. Peak extra memory: 16 bytes per row and 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -28,8 +29,6 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 
 
 def interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

@@ -57,6 +57,11 @@ class Generation:
 Progress = Callable[[int, int, float], None]  # (done prompts, total prompts, seconds)
 
 
+def sample_jobs(n_prompts: int, samples_per_prompt: int) -> list[tuple[int, int]]:
+    """(prompt row, sample index) of every sequence to generate, prompt by prompt."""
+    return [(row, s) for row in range(n_prompts) for s in range(samples_per_prompt)]
+
+
 class Engine(Protocol):
     def generate(
         self,

@@ -28,7 +28,13 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from entroflow.engines.base import ForkingTemperature, Generation, Progress, SamplingParams
+from entroflow.engines.base import (
+    ForkingTemperature,
+    Generation,
+    Progress,
+    SamplingParams,
+    sample_jobs,
+)
 from entroflow.engines.static_decode import StaticDecoder, make_sampler, supports_static_decode
 from entroflow.entropy import entropy_and_logprob
 from entroflow.scoring import left_pad
@@ -172,11 +178,7 @@ class HFEngine:
         params: SamplingParams,
         progress: Progress | None = None,
     ) -> list[Generation]:
-        jobs = [
-            (row, s)
-            for row in range(len(prompt_token_ids))
-            for s in range(params.samples_per_prompt)
-        ]
+        jobs = sample_jobs(len(prompt_token_ids), params.samples_per_prompt)
         if self.decoder == "static":  # longest prompts first: little padding, early OOM
             jobs.sort(key=lambda job: -len(prompt_token_ids[job[0]]))
         results: list[Generation] = []
@@ -199,7 +201,6 @@ class HFEngine:
                         params.max_new_tokens,
                     )
                 )
-            for row, _ in batch:
                 samples_done[row] += 1
                 finished_prompts += samples_done[row] == params.samples_per_prompt
             if progress is not None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from entroflow.engines.base import Generation, Progress, SamplingParams
+from entroflow.engines.base import Generation, Progress, SamplingParams, sample_jobs
 from entroflow.models import ModelError
 
 INSTALL_HINT = "install the optional extra on a CUDA machine: pip install 'entroflow[sglang]'"
@@ -104,11 +104,7 @@ class SGLangEngine:
         progress: Progress | None = None,
     ) -> list[Generation]:
         sampling = sampling_dict(params, self.eos_token_ids)
-        jobs = [
-            (row, s)
-            for row in range(len(prompt_token_ids))
-            for s in range(params.samples_per_prompt)
-        ]
+        jobs = sample_jobs(len(prompt_token_ids), params.samples_per_prompt)
         results: list[Generation] = []
         t0 = time.perf_counter()
         for start in range(0, len(jobs), self.batch_size):  # sglang schedules within a call

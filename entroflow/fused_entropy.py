@@ -139,16 +139,35 @@ if triton is not None:
         return tl.where(r < 1.0e-2, series, tl.log(1.0 + r))
 
     @triton.jit
-    def _logits_entropy_kernel(
-        logits_ptr, out_ptr, V, stride_row, inv_temperature, BLOCK: tl.constexpr
-    ):
+    def _exponential(x):
+        """Exp(1) draws from random uint32 x: -log(1 - v), v = (x + 1/2) / 2^32, with the
+        small draws (the ones that decide a Gumbel-max) to fp32's relative accuracy."""
+        v = (x.to(tl.uint32).to(tl.float32) + 0.5) * 2.3283064365386963e-10
+        series = v * (1.0 + v * (0.5 + v * (1.0 / 3.0 + v * (0.25 + v * 0.2))))
+        return tl.where(v < 1.0e-2, series, -tl.log(1.0 - v))
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _logits_rows_kernel(
+        logits_ptr, entropy_ptr, token_ptr, logprob_ptr, V, stride_row, inv_temperature, seed,
+        BLOCK: tl.constexpr, SAMPLE: tl.constexpr, ENTROPY: tl.constexpr,
+    ):  # fmt: skip
         """One row of existing logits per program, read once. Each of the BLOCK lanes keeps its
         own m, r = Σ e^{z-m} - 1 and b = Σ (z-m) e^{z-m} (one exp per element: e^{-|z-m|} is
-        the new term or the rescale), and the lanes are merged like the head's splits."""
-        base = logits_ptr + tl.program_id(0) * stride_row
+        the new term or the rescale), and the lanes are merged like the head's splits.
+
+        ENTROPY: keep b and store H (without it only the log-normaliser, for SAMPLE).
+        SAMPLE: also draw a token by Gumbel-max, argmax z - log E with E ~ Exp(1) from Philox
+        (seed, row * V + column), an exact draw from softmax(z), and its log-prob z - log Σe^z.
+        """
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
         m = tl.full((BLOCK,), -1.0e30, tl.float32)
         r = tl.zeros((BLOCK,), tl.float32) - 1.0
         b = tl.zeros((BLOCK,), tl.float32)
+        if SAMPLE:
+            best_key = tl.full((BLOCK,), float("-inf"), tl.float32)
+            best_z = tl.zeros((BLOCK,), tl.float32)
+            best_col = tl.zeros((BLOCK,), tl.int32)
         for v0 in range(0, V, BLOCK):
             cols = v0 + tl.arange(0, BLOCK)
             ok = cols < V
@@ -158,18 +177,31 @@ if triton is not None:
             t = tl.exp(-gap)
             # grows: the old max and its rest rescale by t, the new max is the lane's 1.
             # else: z adds t to r and (z - m) t = -gap t to b (a tie adds exactly 1 and 0).
-            r_new = tl.where(grows, t * (r + 1.0), r + t)
-            b_new = tl.where(grows, t * (b - gap * (r + 1.0)), b - gap * t)
-            r = tl.where(ok, r_new, r)
-            b = tl.where(ok, b_new, b)
+            if ENTROPY:
+                b_new = tl.where(grows, t * (b - gap * (r + 1.0)), b - gap * t)
+                b = tl.where(ok, b_new, b)
+            r = tl.where(ok, tl.where(grows, t * (r + 1.0), r + t), r)
             m = tl.where(ok & grows, z, m)
+            if SAMPLE:
+                key = z - tl.log(_exponential(tl.randint(seed, row * V + cols)))
+                wins = ok & (key > best_key)
+                best_key = tl.where(wins, key, best_key)
+                best_z = tl.where(wins, z, best_z)
+                best_col = tl.where(wins, cols, best_col)
         top = tl.max(m, axis=0)
         top_lane = tl.argmax(m, axis=0)
         w = tl.exp(m - top)  # 0 for lanes that saw no column
         lanes = tl.arange(0, BLOCK)
         r_all = tl.sum(w * r, axis=0) + tl.sum(tl.where(lanes == top_lane, 0.0, w), axis=0)
-        b_all = tl.sum(w * (b + (m - top) * (r + 1.0)), axis=0)
-        tl.store(out_ptr + tl.program_id(0), _log1p(r_all) - b_all / (1.0 + r_all))
+        log_s = _log1p(r_all)  # log Σ e^{z - top}
+        if ENTROPY:
+            b_all = tl.sum(w * (b + (m - top) * (r + 1.0)), axis=0)
+            tl.store(entropy_ptr + row, log_s - b_all / (1.0 + r_all))
+        if SAMPLE:
+            winner = tl.argmax(best_key, axis=0)
+            tl.store(token_ptr + row, tl.sum(tl.where(lanes == winner, best_col, 0), axis=0))
+            z_token = tl.sum(tl.where(lanes == winner, best_z, 0.0), axis=0)
+            tl.store(logprob_ptr + row, z_token - top - log_s)
 
 
 INT32_LIMIT = 2**31
@@ -296,20 +328,46 @@ def fused_entropy_and_logprob(
     )
 
 
+def _check_logits(logits: torch.Tensor, temperature: float, what: str) -> None:
+    if not fused_supported(logits.device):
+        raise RuntimeError(f"{what} needs CUDA and triton (or TRITON_INTERPRET=1 on CPU)")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.ndim != 2 or logits.stride(1) != 1:
+        raise ValueError(f"need contiguous rows of logits (B, V), got shape {tuple(logits.shape)}")
+
+
+def _row_kernel_launch(logits, outputs, temperature: float, seed: int, sample, entropy) -> None:
+    cpu = logits.device.type == "cpu"
+    if logits.shape[0]:
+        _logits_rows_kernel[(logits.shape[0],)](
+            logits, *outputs, logits.shape[1], logits.stride(0), 1.0 / temperature, seed,
+            BLOCK=256 if cpu else 2048, SAMPLE=sample, ENTROPY=entropy, num_warps=1 if cpu else 8,
+        )  # fmt: skip
+
+
 def logits_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy (B,) fp32 of softmax(logits / T) for logits (B, V) that exist already (a decode
     step's), in one read of each row; the same r/b form as the fused head."""
-    if not fused_supported(logits.device):
-        raise RuntimeError("logits_entropy needs CUDA and triton (or TRITON_INTERPRET=1 on CPU)")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for entropy, got {temperature}")
-    if logits.ndim != 2 or logits.stride(1) != 1:
-        raise ValueError(f"need contiguous rows of logits (B, V), got shape {tuple(logits.shape)}")
-    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    if logits.shape[0]:
-        block = 256 if logits.device.type == "cpu" else 2048
-        _logits_entropy_kernel[(logits.shape[0],)](
-            logits, out, logits.shape[1], logits.stride(0), 1.0 / temperature, BLOCK=block,
-            num_warps=1 if logits.device.type == "cpu" else 8,
-        )  # fmt: skip
-    return out
+    _check_logits(logits, temperature, "logits_entropy")
+    entropy = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    _row_kernel_launch(logits, (entropy, entropy, entropy), temperature, 0, False, True)
+    return entropy
+
+
+def sample_with_entropy(
+    logits: torch.Tensor, temperature: float, seed: int, with_entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One exact draw from softmax(logits / T) per row, in one read of logits (B, V).
+
+    Returns tokens (B,) long, their log-probs and the rows' entropies (B,) fp32 (None without
+    `with_entropy`), all under softmax(logits / T). `seed` (any int below 2^63) picks the Philox stream: a different seed
+    for every call, or the same tokens come again.
+    """
+    _check_logits(logits, temperature, "sample_with_entropy")
+    rows, device = logits.shape[0], logits.device
+    entropy = torch.empty(rows, dtype=torch.float32, device=device)
+    logprob = torch.empty(rows, dtype=torch.float32, device=device)
+    token = torch.empty(rows, dtype=torch.int32, device=device)
+    _row_kernel_launch(logits, (entropy, token, logprob), temperature, seed, True, with_entropy)
+    return token.long(), logprob, entropy if with_entropy else None

@@ -14,6 +14,7 @@ from entroflow.fused_entropy import (
     fused_entropy_and_logprob,
     logits_entropy,
     merge_partials,
+    sample_with_entropy,
     split_vocabulary,
 )
 from entroflow.scoring import choose_head_method, score_responses
@@ -79,6 +80,38 @@ def test_entropy_of_existing_logits(dtype, temperature):
     tiny = h_ref < 1e-6
     assert tiny.any() or temperature == 1.0  # at 0.6 the scaled rows are near-deterministic
     torch.testing.assert_close(h[tiny], h_ref[tiny], atol=0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+def test_sampler_log_prob_and_entropy(temperature):
+    """The sampling kernel's log-prob of its own draw and entropy, against float64."""
+    hidden, weight, _ = make_inputs(9, 16, 1000, torch.float32)
+    logits = hidden @ weight.T  # (9, 1000)
+    tokens, logprob, entropy = sample_with_entropy(logits, temperature, seed=3)
+    identity = torch.eye(1000, dtype=torch.float64, device=DEVICE)
+    h_ref, lp_ref = reference(logits.double(), identity, tokens, temperature)
+    torch.testing.assert_close(entropy.double(), h_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logprob.double(), lp_ref, atol=2e-5, rtol=1e-5)
+    again, logprob_again, none = sample_with_entropy(logits, temperature, 3, with_entropy=False)
+    assert none is None and torch.equal(again, tokens) and torch.equal(logprob_again, logprob)
+    assert not torch.equal(sample_with_entropy(logits * 0.01, temperature, 4)[0], tokens)
+
+
+def test_sampler_draws_from_softmax_at_temperature():
+    """1,024 draws from one row of 10 logits at T = 0.8 against softmax(z / T): Pearson's χ²
+    (fixed seeds, so the test is deterministic; 26.12 is χ²(8)'s 99.9% quantile)."""
+    z = torch.tensor([2.0, 1.5, 1.2, 1.0, 0.6, 0.3, 0.0, -0.5, -1.0, -3.0])
+    rows = z.expand(256, 10).contiguous().to(DEVICE)
+    tokens = torch.cat([sample_with_entropy(rows, 0.8, seed)[0] for seed in (7, 8, 9, 10)])
+    counts = torch.bincount(tokens.cpu(), minlength=10).double()
+    expected = torch.softmax(z.double() / 0.8, -1) * len(tokens)
+    pool = lambda x: torch.cat([x[:8], x[8:].sum(0, keepdim=True)])  # noqa: E731  tail < 5
+    counts, expected = pool(counts), pool(expected)
+    assert (expected >= 5).all()
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 26.12, (counts.tolist(), expected.tolist())
+    tempered_wrong = torch.softmax(z.double(), -1) * len(tokens)  # T ignored: fits worse
+    assert ((counts - pool(tempered_wrong)) ** 2 / pool(tempered_wrong)).sum().item() > chi2
 
 
 def test_without_labels_and_edge_sizes():

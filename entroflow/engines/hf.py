@@ -253,6 +253,7 @@ class HFEngine:
             LogitsProcessorList(self._warpers(params)),
             params.entropy_temperature if params.record_entropy else None,
             generator,
+            fused=decoder.fused_sampler,
         )
         tokens, logprobs, entropy = decoder.decode(
             prompts, params.max_new_tokens, sample, params.record_entropy

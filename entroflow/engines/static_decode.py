@@ -5,7 +5,8 @@ ends. Here the whole batch lives in preallocated tensors and one decode step is
 
     token (B, 1), position (B, 1), write column  ->  K/V written in place  ->  logits (B, V)
 
-which on CUDA is captured once per batch size as a CUDA graph and replayed. Rows are left-padded
+which on CUDA is compiled once with torch.compile (batch size and window marked dynamic) and
+captured as a CUDA graph per batch size and window, then replayed. Rows are left-padded
 prompts; their K/V sit in cache columns, their RoPE positions are their own, and a (B, L) "valid"
 mask says which columns each row may attend to. Attention reads only the columns written so far
 (rounded up to 256, one graph per window) and, for grouped-query models, each K/V head once
@@ -16,7 +17,8 @@ finished ones.
 
 Sampling is the same processor list as the `generate` path (temperature or forking temperature,
 top-k, top-p) followed by an exact categorical draw; the engine log-prob and, when asked, the
-full-vocabulary entropy under softmax(logits / T) are taken from the same fp32 logits.
+full-vocabulary entropy under softmax(logits / T) are taken from the same fp32 logits. Plain
+temperature sampling on CUDA does all three in one Triton kernel (`sample_with_entropy`).
 """
 
 from __future__ import annotations
@@ -26,13 +28,20 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, TemperatureLogitsWarper
 
 from entroflow.entropy import entropy_and_logprob
-from entroflow.fused_entropy import logits_entropy
+from entroflow.fused_entropy import fused_supported, logits_entropy, sample_with_entropy
 from entroflow.scoring import decoder_body, head_logits, left_pad, unwrap_peft
 
 log = logging.getLogger(__name__)
+
+
+def mark_dynamic(*tensors: torch.Tensor, dims: tuple[int, ...] = (0,)) -> None:
+    """Tell torch.compile these sizes vary (batch buckets, windows, cache lengths), so that its
+    first graph is already the general one instead of one specialised to the first batch."""
+    for tensor in tensors:
+        torch._dynamo.mark_dynamic(tensor, dims)
 
 
 class StaticKVCache:
@@ -51,6 +60,7 @@ class StaticKVCache:
             torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
+        mark_dynamic(*self.keys, *self.values, dims=(0, 2))
         self.write_cols = torch.zeros(1, dtype=torch.long, device=device)  # (q_len,)
         self.visible: int | None = None  # columns attention sees (prefill: the prompt's)
         self.seen = 0
@@ -77,6 +87,7 @@ class StaticKVCache:
             for i in range(len(theirs)):
                 mine.append(theirs[i].index_select(0, rows))
                 theirs[i] = None
+        mark_dynamic(*cache.keys, *cache.values, dims=(0, 2))
         cache.write_cols = source.write_cols.clone()
         cache.visible, cache.seen = None, source.seen
         return cache
@@ -148,12 +159,50 @@ def supports_static_decode(model) -> str | None:
     return None
 
 
+ALIGN = 8  # cache columns: the window is a multiple of this, below the cache length
+
+
 def next_bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+def decode_logits(body, lm, token, position, mask, cache) -> torch.Tensor:
+    """One decode step of the decoder `body` and head of `lm`: (B, V) fp32 logits.
+
+    token, position (B, 1) long; mask (B, 1, 1, visible) bool; cache a StaticKVCache.
+    """
+    hidden = body(
+        input_ids=token,
+        position_ids=position,
+        attention_mask={"full_attention": mask},
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (B, 1, H)
+    return head_logits(lm, hidden[:, 0]).float()
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_decode_logits(backend: str = "inductor"):
+    """`decode_logits` through torch.compile, one per process and backend (dynamic batch size
+    and attention window, so bucket and window changes do not recompile)."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(decode_logits, dynamic=True, backend=backend)
+    return _COMPILED[backend]
+
+
 class StaticDecoder:
-    """Samples up to `max_new_tokens` for a batch of prompts (one call per batch)."""
+    """Samples up to `max_new_tokens` for a batch of prompts (one call per batch).
+
+    cuda_graphs: replay each step from a CUDA graph (CUDA only). compile: run the step through
+    torch.compile ("auto": on CUDA; a backend name such as "aot_eager" for tests), which fuses
+    the elementwise work (norms, rotary, activations, residuals) that otherwise costs a few
+    hundred kernels per step. check_every, min_bucket: how often the host looks for finished
+    rows, and the smallest batch they are retired into. visible_step: the attention window
+    grows by this many cache columns. fused_sampler: draw plain-temperature samples with the
+    one-read Triton kernel (None: on CUDA).
+    """
 
     def __init__(
         self,
@@ -165,6 +214,8 @@ class StaticDecoder:
         check_every: int = 16,
         min_bucket: int = 8,
         visible_step: int = 256,
+        compile: bool | str = "auto",
+        fused_sampler: bool | None = None,
     ):
         self.lm = unwrap_peft(model)
         self.body = decoder_body(self.lm)
@@ -175,7 +226,17 @@ class StaticDecoder:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.check_every = check_every
         self.min_bucket = min_bucket
+        if visible_step <= 0 or visible_step % ALIGN:
+            raise ValueError(
+                f"visible_step must be a positive multiple of {ALIGN}, got {visible_step}"
+            )
         self.visible_step = visible_step
+        if compile == "auto":
+            compile = self.device.type == "cuda"
+        backend = "inductor" if compile is True else compile
+        self._logits = compiled_decode_logits(backend) if compile else decode_logits
+        self._compile_checked = not compile
+        self.fused_sampler = fused_sampler  # None: on CUDA (see make_sampler)
 
     # -- one step -------------------------------------------------------------------------------
     def _forward(self, batch: _Batch) -> torch.Tensor:
@@ -183,20 +244,28 @@ class StaticDecoder:
         batch.valid.index_fill_(1, batch.column, True)
         batch.cache.write_cols = batch.column
         batch.cache.visible = batch.visible
-        hidden = self.body(
-            input_ids=batch.token,
-            position_ids=batch.position,
-            attention_mask={"full_attention": batch.valid[:, None, None, : batch.visible]},
-            past_key_values=batch.cache,
-            use_cache=True,
-        ).last_hidden_state  # (B, 1, H)
-        return head_logits(self.lm, hidden[:, 0]).float()
+        mask = batch.valid[:, None, None, : batch.visible]  # (B, 1, 1, visible)
+        mark_dynamic(batch.token, batch.position)
+        mark_dynamic(mask, dims=(0, 3))
+        args = (self.body, self.lm, batch.token, batch.position, mask, batch.cache)
+        if self._compile_checked:
+            return self._logits(*args)
+        try:  # the first compiled step compiles (outside any graph capture: warm-up runs first)
+            logits = self._logits(*args)
+        except Exception as error:  # a model torch.compile cannot take: stay uncompiled
+            log.warning("torch.compile of the decode step failed (%s); decoding without it", error)
+            self._logits = decode_logits
+            logits = decode_logits(*args)
+        self._compile_checked = True
+        return logits
 
     def _step(self, batch: _Batch, column: int) -> torch.Tensor:
         """Logits of the step that writes cache `column`. Attention reads the columns up to it,
         rounded up to `visible_step` (a new graph every visible_step steps), not the whole cache."""
         step = self.visible_step
-        visible = min(batch.valid.shape[1], (column // step + 1) * step)
+        # The cache has ALIGN spare columns (`_decode`): the window stays a multiple of ALIGN
+        # (sdpa's fast kernels) and narrower than the cache (one case for torch.compile).
+        visible = min(batch.valid.shape[1] - ALIGN, (column // step + 1) * step)
         if visible != batch.visible:
             batch.visible, batch.graph, batch.logits = visible, None, None
         if not self.cuda_graphs:
@@ -228,7 +297,7 @@ class StaticDecoder:
 
     # -- a batch --------------------------------------------------------------------------------
     def _prefill(self, prompts, length: int, spare_row: int) -> tuple[_Batch, torch.Tensor]:
-        size = next_bucket(len(prompts), 1)
+        size = next_bucket(len(prompts), self.min_bucket)  # no tiny batches to compile for
         padded = list(prompts) + [[self.pad_token_id]] * (size - len(prompts))
         ids, mask, positions = (t.to(self.device) for t in left_pad(padded, self.pad_token_id))
         width = ids.shape[1]
@@ -257,7 +326,7 @@ class StaticDecoder:
             cache=cache,
             valid=valid,
             token=torch.zeros(size, 1, dtype=torch.long, device=self.device),
-            position=positions[:, -1:].clone(),
+            position=positions[:, -1:].clone(memory_format=torch.contiguous_format),
             column=torch.full((1,), width - 1, dtype=torch.long, device=self.device),
             job=job,
             finished=job == spare_row,
@@ -303,7 +372,7 @@ class StaticDecoder:
         """
         n = len(prompts)
         width = max(len(p) for p in prompts)
-        length = width + max_new_tokens
+        length = -(-(width + max_new_tokens) // ALIGN) * ALIGN + ALIGN  # see `_step`
         out_tokens = torch.full((n + 1, max_new_tokens), self.pad_token_id, device=self.device)
         out_logprobs = torch.zeros(n + 1, max_new_tokens, device=self.device)
         out_entropy = (
@@ -338,8 +407,30 @@ def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch
     return (probs / noise).argmax(-1)
 
 
-def make_sampler(processors, entropy_temperature: float | None, generator):
-    """sample(logits) for StaticDecoder.decode from a transformers processor list."""
+def plain_temperature(processors) -> float | None:
+    """T when `processors` only divide logits by a temperature (or do nothing), else None."""
+    if len(processors) == 0:
+        return 1.0
+    if len(processors) == 1 and type(processors[0]) is TemperatureLogitsWarper:
+        return float(processors[0].temperature)
+    return None
+
+
+def make_sampler(
+    processors, entropy_temperature: float | None, generator, fused: bool | None = None
+):
+    """sample(logits) for StaticDecoder.decode from a transformers processor list.
+
+    Plain temperature sampling on CUDA (`fused` None) or when `fused` is True takes the one-read
+    Triton kernel (draw, log-prob and entropy together; its own Philox stream seeded from
+    `generator`); top-k / top-p / forking temperature go through the processors.
+    """
+    temperature = plain_temperature(processors)
+    same_entropy = entropy_temperature is None or entropy_temperature == temperature
+    if fused is None:
+        fused = generator.device.type == "cuda" and fused_supported(generator.device)
+    if fused and temperature is not None and same_entropy:
+        return _fused_sampler(temperature, entropy_temperature is not None, generator)
 
     def sample(logits: torch.Tensor):
         entropy = None
@@ -351,5 +442,17 @@ def make_sampler(processors, entropy_temperature: float | None, generator):
         logp = torch.log_softmax(scores, -1)
         tokens = categorical(logp.exp(), generator)
         return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1), entropy
+
+    return sample
+
+
+def _fused_sampler(temperature: float, with_entropy: bool, generator):
+    base = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    calls = 0
+
+    def sample(logits: torch.Tensor):
+        nonlocal calls
+        calls += 1  # a new Philox stream per step
+        return sample_with_entropy(logits, temperature, base + calls, with_entropy)
 
     return sample

@@ -10,6 +10,7 @@ import torch
 
 from entroflow.engines import ForkingTemperature, SamplingParams, static_decode
 from entroflow.engines.hf import HFEngine
+from entroflow.fused_entropy import fused_supported
 from entroflow.scoring import score_responses
 from tests.conftest import make_tiny_model
 
@@ -40,9 +41,24 @@ def shrinks(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("temperature,attention", [(1.0, "sdpa"), (0.7, "sdpa"), (0.7, "eager")])
+FUSED_ON_CPU = fused_supported(torch.device("cpu"))  # Triton's interpreter (tests/conftest.py)
+
+
+@pytest.mark.parametrize(
+    "temperature,attention,options",
+    [
+        (1.0, "sdpa", {}),
+        (0.7, "sdpa", {}),
+        (0.7, "eager", {}),
+        pytest.param(
+            0.7, "sdpa", {"fused_sampler": True},
+            marks=pytest.mark.skipif(not FUSED_ON_CPU, reason="needs TRITON_INTERPRET=1"),
+        ),
+        (1.0, "sdpa", {"compile": "aot_eager"}),
+    ],
+)  # fmt: skip
 def test_logprobs_and_inline_entropy_match_the_scorer(
-    model, tiny_tokenizer, shrinks, temperature, attention, monkeypatch
+    model, tiny_tokenizer, shrinks, temperature, attention, options, monkeypatch
 ):
     monkeypatch.setattr(model.config, "_attn_implementation", attention)
     engine = HFEngine(
@@ -51,7 +67,7 @@ def test_logprobs_and_inline_entropy_match_the_scorer(
         batch_size=7,
         eos_token_ids=EOS,
         decoder="static",
-        static_options=STATIC,
+        static_options={**STATIC, **options},
     )
     prompts = prompts_for(len(tiny_tokenizer), 5, seed=1)
     params = SamplingParams(
@@ -118,6 +134,30 @@ def test_same_seed_same_samples(model, tiny_tokenizer):
     assert [g.token_ids.tolist() for g in a] == [g.token_ids.tolist() for g in b]
 
 
+def test_compiled_step_equals_the_plain_step(model, tiny_tokenizer, shrinks):
+    """torch.compile (aot_eager here: Dynamo's capture without codegen) through batch sizes and
+    attention windows that change, without a recompile for each."""
+    torch._dynamo.reset()  # count this test's compilations only
+    counters = torch._dynamo.utils.counters
+    prompts = prompts_for(len(tiny_tokenizer), 9, seed=8)
+    params = SamplingParams(max_new_tokens=30, seed=5, record_entropy=True)
+    runs = {}
+    for compile in (False, "aot_eager"):
+        frames = counters["stats"]["unique_graphs"]
+        engine = HFEngine(
+            model, tiny_tokenizer, batch_size=9, eos_token_ids=EOS, decoder="static",
+            static_options={**STATIC, "compile": compile},
+        )  # fmt: skip
+        runs[compile] = engine.generate(prompts, params)
+        compiled = counters["stats"]["unique_graphs"] - frames
+    assert len(shrinks) >= 2  # batches 16 -> 8 -> ... and windows of 8 columns: several shapes
+    assert 1 <= compiled <= 3, compiled  # static first try, then dynamic (at most a 0/1 case)
+    for a, b in zip(runs[False], runs["aot_eager"], strict=True):
+        assert a.token_ids.tolist() == b.token_ids.tolist()
+        np.testing.assert_allclose(a.engine_logprob, b.engine_logprob, atol=1e-5)
+        np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-5)
+
+
 def test_decoder_choice(model, tiny_tokenizer):
     assert HFEngine(model, tiny_tokenizer).decoder == "generate"  # auto: static on CUDA only
     with pytest.raises(ValueError, match="unknown decoder"):
@@ -137,9 +177,13 @@ def test_cuda_graphs_match_eager(tiny_tokenizer):
     params = SamplingParams(max_new_tokens=16, samples_per_prompt=2, seed=4, record_entropy=True)
     runs = [
         HFEngine(model, tiny_tokenizer, batch_size=8, eos_token_ids=EOS, decoder="static",
-                 static_options={**STATIC, "cuda_graphs": graphs}).generate(prompts, params)
-        for graphs in (False, True)
+                 static_options={**STATIC, "cuda_graphs": graphs, "compile": compile}
+                 ).generate(prompts, params)
+        for graphs, compile in ((False, False), (True, False), (True, True))
     ]  # fmt: skip
-    for a, b in zip(*runs, strict=True):
-        assert a.token_ids.tolist() == b.token_ids.tolist()
-        np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-5)
+    for eager, graphs, compiled in zip(*runs, strict=True):
+        assert eager.token_ids.tolist() == graphs.token_ids.tolist()
+        np.testing.assert_allclose(eager.entropy, graphs.entropy, atol=1e-5)
+        assert eager.token_ids.tolist() == compiled.token_ids.tolist()  # inductor: rounding only
+        np.testing.assert_allclose(eager.entropy, compiled.entropy, atol=1e-4)
+        np.testing.assert_allclose(eager.engine_logprob, compiled.engine_logprob, atol=1e-4)

@@ -46,10 +46,11 @@ bench: venv
 	$(BIN)/python bench/viewer_load.py
 	$(BIN)/python bench/cpu_scoring_memory.py
 
-bench-gpu:  # on a CUDA machine with torch + triton (random-weight Qwen2.5 shapes; ~10 min on an H100)
+bench-gpu:  # on a CUDA machine with torch + triton (random-weight Qwen2.5 shapes; ~20 min on an H100)
 	PYTHONPATH=$(CURDIR) python bench/gpu_scoring.py
 	PYTHONPATH=$(CURDIR) python bench/gpu_generation.py
 	PYTHONPATH=$(CURDIR) python bench/gpu_generation.py --shape 1.5B --variable-prompts 0
+	PYTHONPATH=$(CURDIR) python bench/gpu_generation.py --prompts 0 --variable-prompts 256
 	PYTHONPATH=$(CURDIR) python bench/gpu_decode_steps.py
 
 dry-run: venv

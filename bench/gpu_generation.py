@@ -6,11 +6,12 @@
 Random-weight Qwen2.5-shaped model (bf16, sdpa), all in one process:
   1. fixed length (no EOS in reach): `model.generate(cache_implementation="static")` (timed after
      a warm-up run that compiles it) against the `hf` engine's static decoder with inline entropy,
-     without it, and without CUDA graphs;
+     without it, without torch.compile, and with the torch sampler instead of the fused one;
   2. variable length: the LM head gets a bias on EOS so chains stop at random depths (geometric,
      mean ~2k tokens, capped at --variable-max); the static decoder retiring finished rows against
      the same decoder keeping the whole batch to the end (how `generate` runs a batch).
-Prints generated tokens per second and the ratios.
+Warm-up runs compile first (torch.compile: a static graph for the first batch size, then one with
+a dynamic batch); their seconds are printed apart. Prints generated tokens per second and ratios.
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ def engine_run(model, prompts, params, batch_size, eos, **static) -> tuple[float
     return time.perf_counter() - start, sum(len(g.token_ids) for g in gens), gens
 
 
+def warm_up(model, prompts, n, eos) -> float:
+    """Compile everything the timed runs use: the Triton kernels, and torch.compile's graphs
+    for the first batch size (static) and for any other (dynamic). Returns the seconds."""
+    start = time.perf_counter()
+    short = SamplingParams(max_new_tokens=32, record_entropy=True)
+    for rows in (n, 8):
+        for options in ({}, {"fused_sampler": False}):
+            engine_run(model, prompts[:rows], short, n, eos, **options)
+    return time.perf_counter() - start
+
+
 def fixed_length(model, n, prompt_len, new, profile=False, repeat=3) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(0, 151_000, (n, prompt_len), device=model.device)
@@ -64,15 +76,12 @@ def fixed_length(model, n, prompt_len, new, profile=False, repeat=3) -> dict:
     never = [151_935]  # an EOS id the runs below may hit by chance (p ~ 1/151936 per token)
     with_entropy = SamplingParams(max_new_tokens=new, record_entropy=True)
     without = SamplingParams(max_new_tokens=new)
-    engine_run(model, prompts[:8], with_entropy, n, never)  # warm-up (Triton compiles)
+    rows["entroflow warm-up incl. compile"] = warm_up(model, prompts, n, never)
     variants = [
         ("entroflow static decoder + entropy", with_entropy, {}),
         ("entroflow static decoder, no entropy", without, {}),
-        (
-            "entroflow static decoder + entropy, no CUDA graphs",
-            with_entropy,
-            {"cuda_graphs": False},
-        ),
+        ("entroflow + entropy, no torch.compile", with_entropy, {"compile": False}),
+        ("entroflow + entropy, torch sampler", with_entropy, {"fused_sampler": False}),
     ]
     times = {name: [] for name, _, _ in variants}
     for _ in range(repeat):  # interleaved, so drifting clocks hit every variant alike
@@ -81,6 +90,9 @@ def fixed_length(model, n, prompt_len, new, profile=False, repeat=3) -> dict:
             times[name].append(seconds * tokens / generated)  # per `tokens`, had an EOS come
     rows.update({name: float(np.median(t)) for name, t in times.items()})
     base = rows["generate(static)"]
+    warm = {name: rows.pop(name) for name in list(rows) if "warm-up" in name}
+    for name, seconds in warm.items():
+        print(f"  {name}: {seconds:.1f} s")
     print(f"fixed length: {n} prompts x {prompt_len} tokens, {new} new tokens each "
           f"(median of {repeat} runs)")  # fmt: skip
     for name, seconds in rows.items():
@@ -110,6 +122,7 @@ def variable_length(model, n, prompt_len, max_new) -> dict:
     torch.manual_seed(1)
     prompts = torch.randint(0, 151_000, (n, prompt_len)).tolist()
     params = SamplingParams(max_new_tokens=max_new, record_entropy=True, seed=3)
+    print(f"  warm-up incl. compile (head with a bias): {warm_up(model, prompts, n, [EOS]):.1f} s")
     retire_s, retire_tokens, gens = engine_run(model, prompts, params, n, [EOS])
     keep_s, keep_tokens, _ = engine_run(
         model, prompts, params, n, [EOS], min_bucket=n, check_every=max_new
@@ -132,7 +145,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", default="0.5B")
-    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--prompts", type=int, default=256, help="0: skip the fixed-length case")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--variable-prompts", type=int, default=128, help="0: skip that case")
@@ -145,7 +158,8 @@ def main() -> None:
     print(torch.cuda.get_device_name(), "torch", torch.__version__, f"Qwen2.5-{args.shape} shape")
     model = random_qwen(args.shape)
     result = {"device": torch.cuda.get_device_name(), "shape": args.shape}
-    result["fixed"] = fixed_length(model, args.prompts, args.prompt_len, args.new, args.profile)
+    if args.prompts:
+        result["fixed"] = fixed_length(model, args.prompts, args.prompt_len, args.new, args.profile)
     if args.variable_prompts:
         result["variable"] = variable_length(
             model, args.variable_prompts, args.prompt_len, args.variable_max

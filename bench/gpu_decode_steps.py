@@ -17,7 +17,7 @@ import torch
 from gpu_common import cuda_seconds, random_qwen
 from transformers import LogitsProcessorList
 
-from entroflow.engines.static_decode import GROUPED_ATTENTION, StaticDecoder, make_sampler
+from entroflow.engines.static_decode import ALIGN, GROUPED_ATTENTION, StaticDecoder, make_sampler
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
             prompts = torch.randint(0, 151_000, (size, 128)).tolist()
             for name, decoder in decoders.items():
                 batch, logits = decoder._prefill(prompts, args.length, spare_row=size)
-                for column in (200, args.length - 2):
+                for column in (200, args.length - 2 * ALIGN):  # the last: the widest window
                     batch.column.fill_(column)
                     start = time.perf_counter()
                     decoder._step(batch, column)  # captures (and compiles, the first times)

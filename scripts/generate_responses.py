@@ -39,7 +39,15 @@ if gen["engine"] == "sglang":  # sglang loads the weights itself, on its own GPU
     device = f"cuda (sglang, tensor parallel {gen['tensor_parallel_size']})"
 else:
     model = load_model(model_dir, dtype=model_cfg["dtype"])
-    engine = get_engine("hf", model=model, tokenizer=tokenizer, batch_size=gen["batch_size"])
+    engine = get_engine(
+        "hf",
+        model=model,
+        tokenizer=tokenizer,
+        batch_size=gen["batch_size"],
+        decoder=gen.get("decoder", "auto"),
+        static_options={"compile": "auto" if gen.get("compile", True) else False},
+    )
+    log.info("hf engine: %s decoder", engine.decoder)
     device = str(next(model.parameters()).device)
 prompt_ids = encode_prompts(
     tokenizer,
@@ -56,6 +64,7 @@ settings = {
     "prompts_per_batch": prompts_per_batch,
     "engine": gen["engine"],
     "dtype": model_cfg["dtype"],
+    **{key: gen[key] for key in ("decoder", "compile") if key in gen},  # set only if not default
 }
 journal = BatchJournal(
     journal_folder(snakemake.output[0]), generation_key(prompt_ids, model_dir, settings)

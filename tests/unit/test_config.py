@@ -22,6 +22,7 @@ def test_defaults_are_filled():
     cfg = validate_config(copy.deepcopy(BASE))
     exp = cfg["experiments"]["e"]
     assert exp["shards"] == 1 and exp["engine"] == "hf"
+    assert exp["decoder"] == "auto" and exp["compile"] is True
     assert exp["sampling"] == {
         "temperature": 1.0,
         "top_p": 1.0,
@@ -84,6 +85,10 @@ def mutated(path, value):
         (
             mutated(["experiments", "e", "engine"], "vllm"),
             "experiments.e.engine: 'vllm' is not one of",
+        ),
+        (
+            mutated(["experiments", "e", "decoder"], "fast"),
+            "experiments.e.decoder: 'fast' is not one of",
         ),
         ({**BASE, "experiments": {}}, "nothing to do"),
         (mutated(["runs", "r"], {"model": "demo"}), "give a training 'dataset', or 'checkpoints'"),

@@ -118,6 +118,12 @@ def get_generation_settings(wildcards):
         exp["engine"] == "sglang"
     ):  # only there, so hf experiments' params stay as they were
         settings["tensor_parallel_size"] = exp["tensor_parallel_size"]
+    # hf decoder choices only where not the defaults, so existing experiments' params stay
+    if exp["engine"] == "hf":
+        if exp["decoder"] != "auto":
+            settings["decoder"] = exp["decoder"]
+        if not exp["compile"]:
+            settings["compile"] = False
     return settings
 
 

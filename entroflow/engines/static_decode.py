@@ -44,6 +44,52 @@ def mark_dynamic(*tensors: torch.Tensor, dims: tuple[int, ...] = (0,)) -> None:
         torch._dynamo.mark_dynamic(tensor, dims)
 
 
+def cache_shape(config, batch: int, length: int) -> tuple[int, int, int, int]:
+    """(B, kv_heads, L, head_dim): one layer's keys (or values) in the static cache."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return batch, kv_heads, length, head_dim
+
+
+def cache_bytes(config, batch: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes of a StaticKVCache: keys and values of every layer."""
+    elements = math.prod(cache_shape(config, batch, length))
+    return 2 * config.num_hidden_layers * elements * dtype.itemsize
+
+
+def check_cache_fits(
+    config, batch: int, length: int, dtype: torch.dtype, free: int, min_bucket: int = 1
+) -> None:
+    """Fail before prefill, naming a batch_size that fits, when the cache alone exceeds `free`
+    bytes (rather than an out-of-memory error once the prompts have run)."""
+    need = cache_bytes(config, batch, length, dtype)
+    if need <= free:
+        return
+    rows = free // cache_bytes(config, 1, length, dtype)
+    largest = 2 ** int(math.log2(rows)) if rows else 0  # batches are padded to powers of two
+    advice = (
+        f"set the experiment's batch_size to {largest} or less, or lower max_new_tokens"
+        if largest >= min_bucket
+        else f"not even {min_bucket} rows (the smallest batch) of this length fit: lower "
+        "max_new_tokens or use a larger GPU"
+    )
+    gib = 2**30
+    raise torch.OutOfMemoryError(
+        f"the static decoder's KV cache for {batch} rows x {length} columns (longest prompt + "
+        f"max_new_tokens) needs {need / gib:.2f} GiB, but only {free / gib:.2f} GiB are free on "
+        f"the GPU: {advice}."
+    )
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on a CUDA device (free + cached by torch); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 class StaticKVCache:
     """Keys and values per layer, (B, kv_heads, L, head_dim) each, written at `write_cols`.
 
@@ -52,10 +98,7 @@ class StaticKVCache:
     """
 
     def __init__(self, config, batch: int, length: int, dtype: torch.dtype, device):
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        shape = (batch, kv_heads, length, head_dim)
+        shape = cache_shape(config, batch, length)
         self.keys = [
             torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
         ]
@@ -298,6 +341,9 @@ class StaticDecoder:
     # -- a batch --------------------------------------------------------------------------------
     def _prefill(self, prompts, length: int, spare_row: int) -> tuple[_Batch, torch.Tensor]:
         size = next_bucket(len(prompts), self.min_bucket)  # no tiny batches to compile for
+        free = free_device_bytes(self.device)
+        if free is not None:
+            check_cache_fits(self.lm.config, size, length, self.dtype, free, self.min_bucket)
         padded = list(prompts) + [[self.pad_token_id]] * (size - len(prompts))
         ids, mask, positions = (t.to(self.device) for t in left_pad(padded, self.pad_token_id))
         width = ids.shape[1]

@@ -187,3 +187,21 @@ def test_cuda_graphs_match_eager(tiny_tokenizer):
         assert eager.token_ids.tolist() == compiled.token_ids.tolist()  # inductor: rounding only
         np.testing.assert_allclose(eager.entropy, compiled.entropy, atol=1e-4)
         np.testing.assert_allclose(eager.engine_logprob, compiled.engine_logprob, atol=1e-4)
+
+
+def test_cache_size_is_checked_before_prefill(model):
+    length = 40
+    cache = static_decode.StaticKVCache(model.config, 8, length, torch.float32, "cpu")
+    actual = sum(t.nbytes for t in cache.keys + cache.values)
+    assert static_decode.cache_bytes(model.config, 8, length, torch.float32) == actual
+    static_decode.check_cache_fits(model.config, 8, length, torch.float32, free=actual)
+    with pytest.raises(torch.OutOfMemoryError, match="batch_size to 2 or less"):  # 3.2 rows fit
+        static_decode.check_cache_fits(model.config, 8, length, torch.float32, int(actual / 2.5))
+
+
+def test_a_batch_whose_cache_cannot_fit_fails_before_prefill(model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(static_decode, "free_device_bytes", lambda device: 1_000)
+    engine = HFEngine(model, tiny_tokenizer, batch_size=4, eos_token_ids=EOS, decoder="static")
+    prompts = prompts_for(len(tiny_tokenizer), 4, seed=3)
+    with pytest.raises(torch.OutOfMemoryError, match="not even 8 rows"):
+        engine.generate(prompts, SamplingParams(max_new_tokens=8, seed=0))

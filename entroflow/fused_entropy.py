@@ -172,16 +172,17 @@ if triton is not None:
             cols = v0 + tl.arange(0, BLOCK)
             ok = cols < V
             z = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32) * inv_temperature
+            live = ok & (z > float("-inf"))  # masked-out tokens (-inf) carry no mass
             grows = z > m
-            gap = tl.abs(z - m)
+            gap = tl.where(live, tl.abs(z - m), 0.0)  # not inf: inf * e^-inf would be NaN
             t = tl.exp(-gap)
             # grows: the old max and its rest rescale by t, the new max is the lane's 1.
             # else: z adds t to r and (z - m) t = -gap t to b (a tie adds exactly 1 and 0).
             if ENTROPY:
                 b_new = tl.where(grows, t * (b - gap * (r + 1.0)), b - gap * t)
-                b = tl.where(ok, b_new, b)
-            r = tl.where(ok, tl.where(grows, t * (r + 1.0), r + t), r)
-            m = tl.where(ok & grows, z, m)
+                b = tl.where(live, b_new, b)
+            r = tl.where(live, tl.where(grows, t * (r + 1.0), r + t), r)
+            m = tl.where(live & grows, z, m)
             if SAMPLE:
                 key = z - tl.log(_exponential(tl.randint(seed, row * V + cols)))
                 wins = ok & (key > best_key)

@@ -97,6 +97,21 @@ def test_sampler_log_prob_and_entropy(temperature):
     assert not torch.equal(sample_with_entropy(logits * 0.01, temperature, 4)[0], tokens)
 
 
+def test_sampler_ignores_masked_out_tokens():
+    """Logits at -inf (or finfo.min, -inf once divided by T < 1) carry no mass and are never drawn."""
+    hidden, weight, _ = make_inputs(6, 16, 300, torch.float32)
+    logits = hidden @ weight.T  # (6, 300)
+    logits[:, ::3] = float("-inf")
+    logits[:3, 1::3] = torch.finfo(torch.float32).min
+    tokens, logprob, entropy = sample_with_entropy(logits, 0.5, seed=1)
+    logp = torch.log_softmax(logits.double() / 0.5, -1)  # (6, 300), float64, -inf kept
+    h_ref = -torch.special.xlogy(logp.exp(), logp.exp()).sum(-1)
+    lp_ref = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(entropy.double(), h_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logprob.double(), lp_ref, atol=2e-5, rtol=1e-5)
+    assert (tokens % 3 == 2)[:3].all() and (tokens % 3 != 0).all()
+
+
 def test_sampler_draws_from_softmax_at_temperature():
     """1,024 draws from one row of 10 logits at T = 0.8 against softmax(z / T): Pearson's χ²
     (fixed seeds, so the test is deterministic; 26.12 is χ²(8)'s 99.9% quantile)."""

@@ -11,6 +11,7 @@ drift from the sampling distribution.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -70,13 +71,58 @@ def decoder_body(model: torch.nn.Module) -> torch.nn.Module:
     return body
 
 
+def logit_scale(model: torch.nn.Module) -> float:
+    """The factor some families put on the head's output: Cohere's `logit_scale` (times),
+    Granite's `logits_scaling` (divided by). 1.0 for the others."""
+    config = model.config
+    return float(getattr(config, "logit_scale", None) or 1.0) / float(
+        getattr(config, "logits_scaling", None) or 1.0
+    )
+
+
 def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head on (R, H) hidden rows -> (R, V) logits, with final soft-capping where the model has it."""
+    """LM head on (R, H) hidden rows -> (R, V) logits, as the model's own forward makes them
+    (output scaling and final soft-capping included; `check_head` verifies that per model)."""
     logits = model.get_output_embeddings()(hidden)
+    scale = logit_scale(model)
+    if scale != 1.0:
+        logits = logits * scale
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+_CHECKED_HEADS: weakref.WeakSet = weakref.WeakSet()
+
+
+def check_head(lm: torch.nn.Module) -> None:
+    """Once per model: body + `head_logits` must give the model's own logits on a few tokens.
+
+    Every entropy in the project goes through this head; a family that transforms its logits in
+    a way we do not reproduce (a new multiplier, say) fails here, loudly, instead of yielding the
+    entropy of a different distribution.
+    """
+    if lm in _CHECKED_HEADS:
+        return
+    device = next(lm.parameters()).device
+    ids = torch.arange(1, 9, device=device)[None] % lm.config.vocab_size  # (1, 8)
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            theirs = lm(input_ids=ids).logits.float()
+            ours = head_logits(lm, decoder_body(lm)(input_ids=ids).last_hidden_state).float()
+    finally:
+        lm.train(was_training)
+    error = float((ours - theirs).abs().max())
+    if error > 1e-2 * float(theirs.abs().max()) + 1e-4:
+        raise ValueError(
+            f"{type(lm).__name__}: entroflow's LM head does not reproduce the model's logits "
+            f"(max difference {error:.3g}); its forward transforms the logits in a way the scorer "
+            "does not know, so its entropies would be wrong. This model family is not supported."
+        )
+    _CHECKED_HEADS.add(lm)
 
 
 def response_rows(response_lens: Sequence[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,12 +143,12 @@ HEAD_METHODS = ("auto", "fused", "chunked")
 
 
 def fusable_head_weight(lm: torch.nn.Module) -> torch.Tensor | None:
-    """The unembedding (V, H) when logits are exactly hidden @ weightᵀ (a bias-free Linear head
-    and no soft-capping), else None."""
+    """The unembedding (V, H) when logits are exactly hidden @ weightᵀ (a bias-free Linear head,
+    no output scaling, no soft-capping), else None."""
     head = lm.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
-    if getattr(lm.config, "final_logit_softcapping", None):
+    if getattr(lm.config, "final_logit_softcapping", None) or logit_scale(lm) != 1.0:
         return None
     return head.weight
 
@@ -122,7 +168,7 @@ def choose_head_method(
     reasons = []
     weight = fusable_head_weight(lm)
     if weight is None:
-        reasons.append("the LM head is not a plain bias-free Linear without soft-capping")
+        reasons.append("the LM head is not a plain bias-free Linear (no scaling, soft-capping)")
     elif weight.numel() >= INT32_LIMIT:
         reasons.append(f"the unembedding {tuple(weight.shape)} exceeds the kernel's int32 offsets")
     if needs_grad:
@@ -193,6 +239,7 @@ def batch_scores(
     then takes the chunked head); the caller chooses the batch. Responses must be non-empty.
     """
     lm = unwrap_peft(model)
+    check_head(lm)
     device = next(lm.parameters()).device
     seqs = [
         np.concatenate([np.asarray(p, dtype=np.int64), np.asarray(r, dtype=np.int64)])

@@ -61,6 +61,31 @@ def make_tiny_model(tokenizer, seed: int = 0, dtype=torch.float32, hidden: int =
     return model
 
 
+def make_tiny_family_model(family: str, tokenizer, seed: int = 0, **extra):
+    """A tiny random `<family>ForCausalLM` (Llama, Mistral, Cohere, ...) with a sharpened head."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        attn_implementation="sdpa",
+        **extra,
+    )
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model
+
+
 def save_tiny_model(folder: Path, tokenizer, seed: int) -> Path:
     """A tiny model + tokenizer as a from_pretrained folder (a `source: local` model entry)."""
     make_tiny_model(tokenizer, seed=seed).save_pretrained(folder)

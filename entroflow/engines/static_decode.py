@@ -32,7 +32,7 @@ from transformers import AttentionInterface, TemperatureLogitsWarper
 
 from entroflow.entropy import entropy_and_logprob
 from entroflow.fused_entropy import fused_supported, logits_entropy, sample_with_entropy
-from entroflow.scoring import decoder_body, head_logits, left_pad, unwrap_peft
+from entroflow.scoring import check_head, decoder_body, head_logits, left_pad, unwrap_peft
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,11 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, *
     given: 7x the cache traffic for Qwen2.5-0.5B). Prefill (Q > 1) repeats K/V as usual.
     Returns (B, Q, Hq, d), None like transformers' attention functions.
     """
+    if attention_mask is None:  # a model whose forward dropped our mask: never attend blindly
+        raise RuntimeError(
+            f"{type(module).__name__} did not pass the static decoder's attention mask through; "
+            "decode this model with `decoder: generate`"
+        )
     batch, heads, q_len, dim = query.shape
     groups = heads // key.shape[1]
     if q_len == 1 and groups > 1:
@@ -192,9 +197,13 @@ AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
 def supports_static_decode(model) -> str | None:
     """None if this decode loop can run `model`, else the reason it cannot."""
     lm = unwrap_peft(model)
-    kinds = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
+    layer_types = getattr(lm.config, "layer_types", None)
+    kinds = set(layer_types or ["full_attention"])
     if kinds != {"full_attention"}:
         return f"layer types {sorted(kinds)} (only full attention is supported)"
+    window = getattr(lm.config, "sliding_window", None)  # Mistral, Phi-3: no layer_types
+    if layer_types is None and window and getattr(lm.config, "use_sliding_window", True):
+        return f"sliding-window attention (window {window}; only full attention is supported)"
     if getattr(lm.config, "is_encoder_decoder", False):
         return "encoder-decoder models are not supported"
     if lm.config._attn_implementation not in ("sdpa", "eager"):
@@ -217,7 +226,7 @@ def decode_logits(body, lm, token, position, mask, cache) -> torch.Tensor:
     hidden = body(
         input_ids=token,
         position_ids=position,
-        attention_mask={"full_attention": mask},
+        attention_mask=mask,  # 4-D: every model's mask builder passes it through unchanged
         past_key_values=cache,
         use_cache=True,
     ).last_hidden_state  # (B, 1, H)
@@ -261,6 +270,7 @@ class StaticDecoder:
         fused_sampler: bool | None = None,
     ):
         self.lm = unwrap_peft(model)
+        check_head(self.lm)
         self.body = decoder_body(self.lm)
         self.device = next(self.lm.parameters()).device
         self.dtype = next(self.lm.parameters()).dtype
@@ -359,7 +369,7 @@ class StaticDecoder:
         hidden = self.body(
             input_ids=ids,
             position_ids=positions,
-            attention_mask={"full_attention": prompt_mask[:, None]},  # (B, 1, W, W), ready-made
+            attention_mask=prompt_mask[:, None],  # (B, 1, W, W), 4-D: used as given
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from entroflow.engines import SamplingParams
 from entroflow.engines.hf import HFEngine
 from entroflow.scoring import response_rows, score_responses, token_budget_batches
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_family_model, make_tiny_model
 
 
 def reference_scores(model, prompt, response, temperature):
@@ -52,6 +53,38 @@ def test_scorer_matches_unpadded_float64(
         # fp32 model vs fp64 model: differences come from the forward pass, not the entropy.
         np.testing.assert_allclose(s.entropy, h, atol=2e-5, rtol=1e-5)
         np.testing.assert_allclose(s.logprob, lp, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family,extra", [("Cohere", {"logit_scale": 0.25}), ("Granite", {"logits_scaling": 4.0})]
+)
+def test_scorer_applies_the_models_logit_scaling(tiny_tokenizer, family, extra):
+    model = make_tiny_family_model(family, tiny_tokenizer, seed=3, **extra)
+    prompts, responses = random_pairs(len(tiny_tokenizer), 4, seed=4)
+    scored = score_responses(
+        model, prompts, responses, pad_token_id=tiny_tokenizer.pad_token_id, temperature=0.7
+    )
+    for p, r, s in zip(prompts, responses, scored, strict=True):
+        if r:
+            h, lp = reference_scores(model, p, r, 0.7)  # the model's own (scaled) logits
+            np.testing.assert_allclose(s.entropy, h, atol=2e-5, rtol=1e-5)
+            np.testing.assert_allclose(s.logprob, lp, atol=2e-5, rtol=1e-5)
+
+
+class _TripledLogits(LlamaForCausalLM):
+    """A family whose forward transforms its logits in a way the scorer does not know."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 3
+        return out
+
+
+def test_a_head_the_scorer_cannot_reproduce_is_refused(tiny_tokenizer):
+    model = make_tiny_family_model("Llama", tiny_tokenizer)
+    model.__class__ = _TripledLogits
+    with pytest.raises(ValueError, match="does not reproduce the model's logits"):
+        score_responses(model, [[5, 6]], [[7, 8]], pad_token_id=tiny_tokenizer.pad_token_id)
 
 
 def test_left_padding_does_not_change_values(tiny_model, tiny_tokenizer):

@@ -12,7 +12,7 @@ from entroflow.engines import ForkingTemperature, SamplingParams, static_decode
 from entroflow.engines.hf import HFEngine
 from entroflow.fused_entropy import fused_supported
 from entroflow.scoring import score_responses
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_family_model, make_tiny_model
 
 EOS = list(range(3, 40))  # many "EOS" tokens: rows stop at scattered depths
 STATIC = {"check_every": 2, "min_bucket": 1, "visible_step": 8}  # retire and window early
@@ -117,6 +117,32 @@ def test_greedy_tokens_equal_generate(model, tiny_tokenizer, shrinks):
         np.testing.assert_allclose(a.entropy, b.entropy, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "family,extra",
+    [
+        ("Llama", {}),  # these families build their masks differently from Qwen3
+        ("Mistral", {"sliding_window": None}),  # a window: `generate` (test_decoder_choice)
+        ("Phi3", {}),  # fused qkv and gate/up projections
+        ("Gemma", {"head_dim": 8}),  # scaled embeddings
+        ("Cohere", {"logit_scale": 0.25}),  # scaled logits
+        ("Granite", {"logits_scaling": 4.0}),
+    ],
+)
+def test_other_families_decode_like_generate(tiny_tokenizer, family, extra):
+    model = make_tiny_family_model(family, tiny_tokenizer, seed=4, **extra)
+    prompts = prompts_for(len(tiny_tokenizer), 6, seed=9)
+    params = SamplingParams(top_k=1, max_new_tokens=12, record_entropy=True)
+    runs = {
+        decoder: HFEngine(
+            model, tiny_tokenizer, batch_size=6, eos_token_ids=EOS, decoder=decoder
+        ).generate(prompts, params)
+        for decoder in ("generate", "static")
+    }
+    for a, b in zip(runs["generate"], runs["static"], strict=True):
+        assert a.token_ids.tolist() == b.token_ids.tolist()
+        np.testing.assert_allclose(a.entropy, b.entropy, atol=2e-5, rtol=1e-5)
+
+
 def test_forking_temperature_and_top_p_run_on_the_static_path(model, tiny_tokenizer):
     prompts = prompts_for(len(tiny_tokenizer), 4, seed=5)
     forking = ForkingTemperature(threshold=2.0, t_high=1.5, t_low=0.5)
@@ -160,6 +186,9 @@ def test_compiled_step_equals_the_plain_step(model, tiny_tokenizer, shrinks):
 
 def test_decoder_choice(model, tiny_tokenizer):
     assert HFEngine(model, tiny_tokenizer).decoder == "generate"  # auto: static on CUDA only
+    windowed = make_tiny_family_model("Mistral", tiny_tokenizer, sliding_window=16)
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        HFEngine(windowed, tiny_tokenizer, decoder="static")
     with pytest.raises(ValueError, match="unknown decoder"):
         HFEngine(model, tiny_tokenizer, decoder="fast")
     model.config._attn_implementation = "flash_attention_2"

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from entroflow.demo_model import corpus, train_tokenizer
 
@@ -40,36 +39,17 @@ def tiny_tokenizer():
     return train_tokenizer([full for _, full in corpus(300, seed=0)], vocab_size=300)
 
 
-def make_tiny_model(tokenizer, seed: int = 0, dtype=torch.float32, hidden: int = 32):
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = Qwen3ForCausalLM(config).to(dtype).eval()
-    # Random init is near-uniform; sharper logits make the tests discriminating.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    return model
-
-
-def make_tiny_family_model(family: str, tokenizer, seed: int = 0, **extra):
-    """A tiny random `<family>ForCausalLM` (Llama, Mistral, Cohere, ...) with a sharpened head."""
+def make_tiny_family_model(
+    family: str, tokenizer, seed: int = 0, dtype=torch.float32, hidden: int = 32, **extra
+):
+    """A tiny random `<family>ForCausalLM` (Qwen3, Llama, Cohere, ...) with a sharpened head."""
     import transformers
 
     torch.manual_seed(seed)
     config = getattr(transformers, f"{family}Config")(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -80,10 +60,18 @@ def make_tiny_family_model(family: str, tokenizer, seed: int = 0, **extra):
         attn_implementation="sdpa",
         **extra,
     )
-    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    model = getattr(transformers, f"{family}ForCausalLM")(config).to(dtype).eval()
+    # Random init is near-uniform; sharper logits make the tests discriminating.
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(20.0)
     return model
+
+
+def make_tiny_model(tokenizer, seed: int = 0, dtype=torch.float32, hidden: int = 32):
+    """The tiny Qwen3 most tests use (the demo model's architecture)."""
+    return make_tiny_family_model(
+        "Qwen3", tokenizer, seed, dtype=dtype, hidden=hidden, head_dim=hidden // 4
+    )
 
 
 def save_tiny_model(folder: Path, tokenizer, seed: int) -> Path:

@@ -23,6 +23,7 @@ temperature sampling on CUDA does all three in one Triton kernel (`sample_with_e
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -108,7 +109,8 @@ class StaticKVCache:
         self.visible: int | None = None  # columns attention sees (prefill: the prompt's)
         self.seen = 0
 
-    def update(self, key, value, layer_idx, cache_kwargs=None):
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        # Extra arguments differ across transformers releases (`cache_kwargs`, `kwargs=`); unused.
         self.keys[layer_idx].index_copy_(2, self.write_cols, key)
         self.values[layer_idx].index_copy_(2, self.write_cols, value)
         if self.visible is not None:
@@ -218,17 +220,24 @@ def next_bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def decode_logits(body, lm, token, position, mask, cache) -> torch.Tensor:
+def cache_keyword(body) -> str:
+    """The name the decoder body's forward takes its cache under: `cache` from transformers
+    5.24 on (`past_key_values` deprecated there), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def decode_logits(body, lm, token, position, mask, cache, cache_key) -> torch.Tensor:
     """One decode step of the decoder `body` and head of `lm`: (B, V) fp32 logits.
 
-    token, position (B, 1) long; mask (B, 1, 1, visible) bool; cache a StaticKVCache.
+    token, position (B, 1) long; mask (B, 1, 1, visible) bool; cache a StaticKVCache passed
+    as `cache_key` (see `cache_keyword`).
     """
     hidden = body(
         input_ids=token,
         position_ids=position,
         attention_mask=mask,  # 4-D: every model's mask builder passes it through unchanged
-        past_key_values=cache,
         use_cache=True,
+        **{cache_key: cache},
     ).last_hidden_state  # (B, 1, H)
     return head_logits(lm, hidden[:, 0]).float()
 
@@ -272,6 +281,7 @@ class StaticDecoder:
         self.lm = unwrap_peft(model)
         check_head(self.lm)
         self.body = decoder_body(self.lm)
+        self.cache_key = cache_keyword(self.body)
         self.device = next(self.lm.parameters()).device
         self.dtype = next(self.lm.parameters()).dtype
         self.eos = torch.tensor(sorted(eos_token_ids), device=self.device)
@@ -300,7 +310,7 @@ class StaticDecoder:
         mask = batch.valid[:, None, None, : batch.visible]  # (B, 1, 1, visible)
         mark_dynamic(batch.token, batch.position)
         mark_dynamic(mask, dims=(0, 3))
-        args = (self.body, self.lm, batch.token, batch.position, mask, batch.cache)
+        args = (self.body, self.lm, batch.token, batch.position, mask, batch.cache, self.cache_key)
         if self._compile_checked:
             return self._logits(*args)
         try:  # the first compiled step compiles (outside any graph capture: warm-up runs first)
@@ -370,8 +380,8 @@ class StaticDecoder:
             input_ids=ids,
             position_ids=positions,
             attention_mask=prompt_mask[:, None],  # (B, 1, W, W), 4-D: used as given
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_key: cache},
         ).last_hidden_state
         cache.visible = None
         cache.seen = width

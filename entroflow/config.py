@@ -16,7 +16,7 @@ from entroflow.datasets import DatasetError, resolve_entry
 from entroflow.errors import EntroflowError
 from entroflow.models import ModelError, check_model_path, gguf_file
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"  # ships in the package
 
 
 class ConfigError(EntroflowError):

@@ -38,7 +38,9 @@ def library(script):
 
 def get_final_output():
     outputs = []
-    for name in config["experiments"]:
+    for name, experiment in config["experiments"].items():
+        if not experiment["default_target"]:
+            continue
         outputs += [
             f"results/{name}/entropy.h5",
             f"results/{name}/stats.json",

@@ -1,11 +1,16 @@
 """Rule download_dataset: one dataset entry -> resources/datasets/{dataset}.parquet."""
 
+from contextlib import nullcontext
+
 from entroflow.datasets import load_problems, write_parquet_atomic
+from entroflow.hub import hub_download
 from entroflow.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])
 name, entry = snakemake.wildcards.dataset, dict(snakemake.params.entry)
 log.info("dataset %s: %s", name, entry)
-problems = load_problems(name, entry)
+hub = entry["source"] == "hub"
+with hub_download("datasets", name, entry["path"]) if hub else nullcontext():
+    problems = load_problems(name, entry)
 write_parquet_atomic(problems, snakemake.output[0])
 log.info("wrote %d problems to %s", len(problems), snakemake.output[0])

@@ -151,4 +151,4 @@ def test_check_config_cli_names_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(bad) in err and "malformed YAML" in err and "line 3" in err
     assert main(["check-config", str(ROOT / "config/config.yaml")]) == 0
-    assert "config.yaml: ok (1 experiments, 1 runs" in capsys.readouterr().out
+    assert "config.yaml: ok (2 experiments, 1 runs" in capsys.readouterr().out

@@ -123,35 +123,51 @@ SLURM_TEST_ARGS = (
 )
 
 
+def repository_copy(target: Path) -> Path:
+    """The repository's files (tracked and untracked, not ignored) copied to `target`, symlinks
+    kept: a fresh checkout to run the workflow's own commands in, verbatim, from its root."""
+    import shutil
+    import subprocess
+
+    from tests.workflow.test_workflow import ROOT
+
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, (n.decode() for n in listed)):
+        source, copy = ROOT / name, target / name
+        if not source.exists() and not source.is_symlink():  # deleted, not yet committed
+            continue
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, copy, follow_symlinks=False)
+    return target
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> DemoRun:
-    """`make demo`'s DAG with the unchanged config, run once per test session: through
-    `--profile profiles/slurm` on a real local Slurm cluster where one can be started (root and
-    Debian's packages; ENTROFLOW_TEST_SLURM=0 opts out), else with the local executor."""
+    """`make demo`'s DAG with the unchanged config, run once per test session in a copy of the
+    repository, from its root, as a user types it: `snakemake --profile slurm` on a real local
+    Slurm cluster where one can be started (root and Debian's packages; ENTROFLOW_TEST_SLURM=0
+    opts out), else `snakemake --cores 2` with the local executor."""
     from tests.slurm.cluster import LocalSlurm, unavailable_reason
-    from tests.workflow.test_workflow import ROOT, snakemake
+    from tests.workflow.test_workflow import snakemake
 
-    work = tmp_path_factory.mktemp("demo")
-    args = (
-        "--configfile",
-        str(ROOT / "config/config.yaml"),
-        "--directory",
-        str(work),
-        "--snakefile",
-        str(ROOT / "workflow/Snakefile"),
-    )
+    work = repository_copy(tmp_path_factory.mktemp("demo"))
     why_local = (
         "ENTROFLOW_TEST_SLURM=0"
         if os.environ.get("ENTROFLOW_TEST_SLURM") == "0"
         else unavailable_reason()
     )
     if why_local:
-        result = snakemake("--cores", "2", *args, timeout=1800)
+        result = snakemake("--cores", "2", cwd=work, timeout=1800)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         return DemoRun(work, "local", why_local)
     with LocalSlurm(tmp_path_factory.mktemp("slurm")) as cluster:
-        profile = ("--profile", str(ROOT / "profiles/slurm"))
-        result = snakemake(*profile, *SLURM_TEST_ARGS, *args, timeout=2700)
+        # The README's command; then only the one-node test cluster's sizes and polling pace.
+        result = snakemake("--profile", "slurm", *SLURM_TEST_ARGS, cwd=work, timeout=2700)
         jobs = cluster.jobs()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return DemoRun(work, "slurm", jobs=jobs)

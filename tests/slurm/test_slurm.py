@@ -1,4 +1,5 @@
-"""The demo through `snakemake --profile profiles/slurm` on a real (local, one-node) Slurm cluster.
+"""The demo through `snakemake --profile slurm` (verbatim, from the root of a repository copy) on
+a real (local, one-node) Slurm cluster.
 
 The run itself is the session's `demo_run` fixture (tests/conftest.py), so the science checks in
 tests/workflow/test_demo.py read the same outputs; here: what Slurm was asked for.

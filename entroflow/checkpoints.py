@@ -6,13 +6,12 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from entroflow.errors import EntroflowError
 from entroflow.models import load_model
-from entroflow.training.trainer import PARAM_NAMES_FILE
 
 STEP = re.compile(r"checkpoint-(\d+)$")
+# Written next to optimizer.pt by entroflow's trainer: the parameter names in the optimizer's order.
+PARAM_NAMES_FILE = "optimizer_param_names.json"
 
 
 class CheckpointError(EntroflowError):
@@ -46,6 +45,8 @@ def require_optimizer_state(folder: str | Path) -> None:
 
 def load_adam_state(folder: str | Path) -> dict[str, dict]:
     """name -> {exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay} from optimizer.pt."""
+    import torch
+
     require_optimizer_state(folder)
     folder = Path(folder)
     names = json.loads((folder / PARAM_NAMES_FILE).read_text())

@@ -1,22 +1,23 @@
-"""Loading models and tokenizers through `from_pretrained` (hub id or local folder), and prompts."""
+"""Loading models and tokenizers through `from_pretrained` (hub id or local folder), and prompts.
+
+torch and transformers are imported inside the functions that load something: the workflow
+imports this module to check config entries, and parsing it must not load them.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from entroflow.errors import EntroflowError
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
-DTYPES = {
-    "auto": "auto",
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto" or a torch dtype's name
 
 
 class ModelError(EntroflowError):
@@ -24,6 +25,8 @@ class ModelError(EntroflowError):
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -86,6 +89,7 @@ def convert_gguf(file: Path, out_dir: str | Path) -> None:
     import shutil
     import tempfile
 
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
@@ -136,12 +140,13 @@ def load_tokenizer(path: str, revision: str | None = None):
 def load_model(
     path: str, revision: str | None = None, dtype: str = "auto", device: str = "auto"
 ) -> torch.nn.Module:
+    import torch
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype '{dtype}'; available: {', '.join(DTYPES)}")
     dev = resolve_device(device)
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     if torch_dtype == "auto" and dev.type == "cpu":
         torch_dtype = (
             torch.float32

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from entroflow.checkpoints import PARAM_NAMES_FILE
 from entroflow.delta_h import score_sequences
 from entroflow.training.maxent import (
     MaxEntController,
@@ -24,10 +25,10 @@ from entroflow.training.maxent import (
     maxent_weights,
     weight_entropy,
 )
+from entroflow.training.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
-PARAM_NAMES_FILE = "optimizer_param_names.json"
 MAXENT_STATE_FILE = "maxent_state.json"
 ALGORITHMS = {"grpo": "grpo", "dr_grpo": "dr_grpo", "maxent_grpo": "dr_grpo"}  # -> TRL loss_type
 
@@ -145,30 +146,6 @@ class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
         if checkpoint is not None and (Path(checkpoint) / MAXENT_STATE_FILE).exists():
             state = json.loads((Path(checkpoint) / MAXENT_STATE_FILE).read_text())
             self.maxent.controller = MaxEntController.from_state(state)
-
-
-@dataclass
-class RunSettings:
-    """One `runs.{name}` config entry (see the schema for descriptions)."""
-
-    algorithm: str = "dr_grpo"
-    steps: int = 30
-    save_every: int = 10
-    group_size: int = 8
-    prompts_per_step: int = 8
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: str | list[str] = "all-linear"
-    max_new_tokens: int = 96
-    temperature: float = 1.0
-    beta: float = 0.0
-    format_reward: float = 0.0
-    seed: int = 0
-    trace_every: int = 1
-    probe: bool = True
-    maxent: dict = field(default_factory=dict)
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:

@@ -12,7 +12,7 @@ from entroflow.config import validate_config
 from entroflow.models import gguf_file
 from entroflow.datasets import resolve_entry
 from entroflow.sweep import cell_name, sweep_cells
-from entroflow.training.trainer import RunSettings
+from entroflow.training.settings import RunSettings
 
 validate_config(config)
 

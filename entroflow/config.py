@@ -7,6 +7,7 @@ Every error is one `ConfigError` whose message names the key path, e.g.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import jsonschema
@@ -21,6 +22,24 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"  # ships in
 
 class ConfigError(EntroflowError):
     pass
+
+
+# Entry names become path components (results/{experiment}/, resources/datasets/{dataset}.parquet)
+# and wildcard values: letters, digits, '_', '-', '.' (not first), so none can leave its folder.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+NAMED_SECTIONS = ("datasets", "models", "experiments", "runs", "temperature_sweeps")
+
+
+def check_names(config: dict) -> None:
+    """One ConfigError naming the first entry whose name is not a safe path component."""
+    for section in NAMED_SECTIONS:
+        entries = config.get(section)
+        for name in entries if isinstance(entries, dict) else ():
+            if not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
+                raise ConfigError(
+                    f"config: {section}: bad name {name!r}: names become folders and file names, "
+                    "so use letters, digits, '_', '-' and '.' (not first), at most 100 characters"
+                )
 
 
 def _with_defaults(validator_class):
@@ -50,6 +69,7 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
 def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Validate in place (defaults filled) and check names refer to existing entries."""
     schema = schema or load_schema()
+    check_names(config)
     errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]

@@ -152,3 +152,32 @@ def test_check_config_cli_names_file_and_line(tmp_path, capsys):
     assert str(bad) in err and "malformed YAML" in err and "line 3" in err
     assert main(["check-config", str(ROOT / "config/config.yaml")]) == 0
     assert "config.yaml: ok (2 experiments, 1 runs" in capsys.readouterr().out
+
+
+def renamed(section, old, new):
+    cfg = copy.deepcopy(BASE)
+    cfg[section][new] = cfg[section].pop(old)
+    if section == "datasets":
+        cfg["experiments"]["e"]["dataset"] = new
+    if section == "models":
+        cfg["experiments"]["e"]["model"] = new
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "section,old",
+    [("experiments", "e"), ("datasets", "arith"), ("models", "demo")],
+)
+@pytest.mark.parametrize(
+    "bad", ["../../x", "a/b", ".hidden", "run(1)", "exp[1]", "with space", "", "x" * 101, 7]
+)
+def test_names_that_would_leave_their_folder_are_refused(section, old, bad):
+    with pytest.raises(ConfigError) as caught:
+        validate_config(renamed(section, old, bad))
+    message = str(caught.value)
+    assert message.startswith(f"config: {section}: bad name {bad!r}") and "\n" not in message
+
+
+@pytest.mark.parametrize("good", ["hmmt", "qwen3-8b_v1.5", "A.b-c_9", "_x"])
+def test_plain_names_pass(good):
+    validate_config(renamed("experiments", "e", good))

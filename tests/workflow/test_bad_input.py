@@ -96,6 +96,19 @@ CASES = [
         ["results/nope/entropy.h5"],
     ),
     Case(
+        "experiment-name-outside-results",
+        lambda cfg, tmp: cfg["experiments"].update({"../../x": cfg["experiments"].pop("x")})
+        or ["results/../../x/entropy.h5"],
+        None,
+        ["config: experiments: bad name '../../x'"],
+    ),
+    Case(
+        "dataset-name-with-regex-characters",
+        lambda cfg, tmp: cfg["datasets"].update({"arith[1]": cfg["datasets"].pop("arith")}),
+        None,
+        ["config: datasets: bad name 'arith[1]'"],
+    ),
+    Case(
         "malformed-yaml",
         "experiments: {x: [unclosed\n",
         None,

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 from entroflow.code_version import library_fingerprint
@@ -25,6 +26,11 @@ FIGURES = [
 ]
 
 DEMO_MODEL_DIR = "resources/models/demo"
+
+
+def names_pattern(names):
+    """A wildcard constraint matching exactly these entry names ('.' taken literally)."""
+    return "|".join(re.escape(name) for name in names) or "NONE"
 
 
 def library(script):

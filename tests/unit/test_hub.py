@@ -17,9 +17,12 @@ def test_no_connection_names_the_entry_and_the_local_alternative():
 def test_offline_hub_and_missing_repositories_are_named():
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    with pytest.raises(HubError, match=r"datasets\.hmmt.*MathArena/hmmt_feb_2025.*no connection"):
-        with hub_download("datasets", "hmmt", "MathArena/hmmt_feb_2025"):
-            raise LocalEntryNotFoundError("offline")
+    expected = r"datasets\.hmmt.*MathArena/hmmt_feb_2025.*no connection"
+    with (
+        pytest.raises(HubError, match=expected),
+        hub_download("datasets", "hmmt", "MathArena/hmmt_feb_2025"),
+    ):
+        raise LocalEntryNotFoundError("offline")
 
 
 def test_other_errors_pass_through():

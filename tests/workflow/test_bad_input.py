@@ -97,8 +97,10 @@ CASES = [
     ),
     Case(
         "experiment-name-outside-results",
-        lambda cfg, tmp: cfg["experiments"].update({"../../x": cfg["experiments"].pop("x")})
-        or ["results/../../x/entropy.h5"],
+        lambda cfg, tmp: (
+            cfg["experiments"].update({"../../x": cfg["experiments"].pop("x")})
+            or ["results/../../x/entropy.h5"]
+        ),
         None,
         ["config: experiments: bad name '../../x'"],
     ),

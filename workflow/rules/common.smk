@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -12,10 +13,31 @@ from entroflow.checkpoints import (
 from entroflow.config import validate_config
 from entroflow.models import gguf_file
 from entroflow.datasets import resolve_entry
+from entroflow.provenance import check_record
 from entroflow.sweep import cell_name, sweep_cells
 from entroflow.training.settings import RunSettings
 
 validate_config(config)
+
+
+def config_files():
+    """The config file(s) of this run, as paths relative to the working directory."""
+    given = workflow.config_settings.configfiles
+    files = given or [Path(workflow.basedir).parent / "config/config.yaml"]
+    return [os.path.relpath(Path(f).resolve()) for f in files]
+
+
+# Rule scripts record which config made a shared intermediate (entroflow/provenance.py); the
+# key is set after validation and read by scripts only, so it is no param (no rerun trigger).
+config["_config_files"] = config_files()
+for _name, _entry in config["datasets"].items():
+    check_record(
+        f"resources/datasets/{_name}.parquet",
+        f"datasets.{_name}",
+        config["_config_files"],
+        resolve_entry(_name, _entry),
+        rename="give the dataset another name in this config (or delete the file to remake it)",
+    )
 
 FIGURES = [
     "entropy_histogram.png",

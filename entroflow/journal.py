@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,8 +68,7 @@ class BatchJournal:
         self.key = key
         meta = self.folder / self.META
         if self.folder.exists():
-            saved_key = json.loads(meta.read_text()).get("key") if meta.exists() else None
-            if saved_key != key:
+            if self._saved_key(meta) != key:
                 log.warning(
                     "discarding %d saved batches in %s: they were made from other inputs or settings",
                     len(self._batch_files()),
@@ -78,6 +78,13 @@ class BatchJournal:
         self.resumed = len(self._batch_files())
         if self.resumed:
             log.info("resuming: %d batches already saved in %s", self.resumed, self.folder)
+
+    @staticmethod
+    def _saved_key(meta: Path) -> str | None:
+        try:
+            return json.loads(meta.read_text()).get("key")
+        except (OSError, ValueError, AttributeError):  # missing or damaged: start over
+            return None
 
     def _batch_files(self) -> list[Path]:
         return sorted(self.folder.glob("batch-*.npz"))
@@ -102,8 +109,14 @@ class BatchJournal:
         path = self._path(index)
         if not path.exists():
             return None
-        with np.load(path, allow_pickle=False) as saved:
-            return {name: saved[name] for name in saved.files}
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                return {name: saved[name] for name in saved.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            # A batch damaged outside our atomic writes (disk, copy, hand edit): redo it.
+            log.warning("saved batch %s is unreadable (%s): recomputing it", path, err)
+            path.unlink(missing_ok=True)
+            return None
 
     def save(self, index: int, arrays: dict[str, np.ndarray]) -> None:
         """Save one finished batch (the folder appears with the first one)."""

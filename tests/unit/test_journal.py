@@ -9,7 +9,7 @@ import pytest
 
 from entroflow.engines import SamplingParams
 from entroflow.engines.hf import HFEngine
-from entroflow.journal import BatchJournal, fingerprint, journal_folder
+from entroflow.journal import BatchJournal, fingerprint, journal_folder, load_or_compute
 from entroflow.pipeline import generate_shard, score_table
 from entroflow.scoring import decoder_body
 from tests.conftest import make_tiny_model
@@ -48,6 +48,31 @@ def test_journal_roundtrip_and_other_settings_discard(tmp_path):
     assert other.resumed == 0 and other.load(3) is None
     other.remove()
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not-a-zip"])
+def test_an_unreadable_batch_is_named_and_recomputed(tmp_path, caplog, damage):
+    folder = journal_folder(tmp_path / "out.h5")
+    journal = BatchJournal(folder, "k")
+    journal.save(0, {"x": np.arange(1000, dtype=np.float32)})
+    path = folder / "batch-000000.npz"
+    data = path.read_bytes()
+    path.write_bytes(
+        {"truncated": data[: len(data) // 2], "empty": b"", "not-a-zip": b"x" * 99}[damage]
+    )
+    again = BatchJournal(folder, "k")
+    calls = []
+    redo = load_or_compute(again, 0, lambda: calls.append(1) or {"x": np.ones(2)})
+    assert calls == [1] and redo["x"].tolist() == [1.0, 1.0]
+    assert "batch-000000.npz is unreadable" in caplog.text
+    assert BatchJournal(folder, "k").load(0)["x"].tolist() == [1.0, 1.0]  # saved anew
+
+
+def test_a_damaged_journal_key_starts_over(tmp_path):
+    folder = journal_folder(tmp_path / "out.h5")
+    BatchJournal(folder, "k").save(0, {"x": np.zeros(1)})
+    (folder / BatchJournal.META).write_text("{not json")
+    assert BatchJournal(folder, "k").resumed == 0
 
 
 def test_fingerprint_sees_array_contents_and_dtype():

@@ -49,8 +49,20 @@ def load_adam_state(folder: str | Path) -> dict[str, dict]:
 
     require_optimizer_state(folder)
     folder = Path(folder)
-    names = json.loads((folder / PARAM_NAMES_FILE).read_text())
-    state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    try:
+        names = json.loads((folder / PARAM_NAMES_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{folder / PARAM_NAMES_FILE}: unreadable ({err}); this checkpoint cannot be used "
+            "for ΔH or the Fisher kernel"
+        ) from None
+    try:
+        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle error, a non-tensor payload, ...
+        raise CheckpointError(
+            f"{folder / 'optimizer.pt'}: unreadable as AdamW state ({_load_failure(err)}); this "
+            "checkpoint cannot be used for ΔH or the Fisher kernel (rewrite it, or leave it out)"
+        ) from None
     out = {}
     for group, group_names in zip(state["param_groups"], names, strict=True):
         if len(group["params"]) != len(group_names):
@@ -61,6 +73,17 @@ def load_adam_state(folder: str | Path) -> dict[str, dict]:
         for index, name in zip(group["params"], group_names, strict=True):
             out[name] = {**state["state"].get(index, {}), **hyper}
     return out
+
+
+def _load_failure(err: Exception) -> str:
+    """Why torch.load failed, in our words. torch's own message advises retrying with
+    weights_only=False, which would run the file's pickle code: it never reaches the user."""
+    text = str(err).lower()
+    if "weights only" in text or "unpickl" in text:
+        return "damaged, or it holds objects other than tensors, which are not unpickled (that could run code)"
+    if "zip" in text or "eof" in text or isinstance(err, EOFError):
+        return "not a complete torch file: truncated or damaged"
+    return type(err).__name__
 
 
 def load_policy(base_model: str, checkpoint: str | Path, dtype: str = "auto", merge: bool = True):

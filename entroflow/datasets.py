@@ -10,8 +10,10 @@ Every source becomes one table with columns id, problem, answer, prompt (the use
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import string
 from pathlib import Path
 
 import pandas as pd
@@ -104,7 +106,28 @@ def resolve_entry(name: str, entry: dict) -> dict:
         raise DatasetError(f"dataset '{name}': source '{source}' needs a 'path'")
     if source == "builtin" and resolved.get("builtin") not in BUILTINS:
         raise _unknown("builtin dataset", str(resolved.get("builtin")), BUILTINS)
+    check_template(name, resolved["prompt_template"])
     return resolved
+
+
+def check_template(name: str, template: str) -> None:
+    """A prompt template may hold `{problem}` and literal text only: no attribute or index
+    access, conversions or format specs (they would put Python internals into prompts)."""
+    hint = "prompt_template may only use {problem} (braces in LaTeX are written {{ }})"
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)]
+    except ValueError as err:  # a lone '{' or '}'
+        raise DatasetError(f"dataset '{name}': {hint}: {err}") from None
+    for field, spec, conversion in fields:
+        if field is not None and (field != "problem" or spec or conversion):
+            shown = (
+                "{"
+                + field
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
+            raise DatasetError(f"dataset '{name}': {hint}; found {shown}")
 
 
 def extract_answer(raw, answer_format: str) -> str:
@@ -131,6 +154,8 @@ def _load_records(name: str, entry: dict):
     path = Path(entry["path"])
     if not path.exists():
         raise DatasetError(f"dataset '{name}': local file not found: {path}")
+    if path.is_dir():
+        raise DatasetError(f"dataset '{name}': {path} is a folder; give the data file itself")
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DatasetError(
@@ -138,10 +163,49 @@ def _load_records(name: str, entry: dict):
         )
     if path.stat().st_size == 0:
         raise DatasetError(f"dataset '{name}' is empty ({path})")
+    if fmt in ("json", "csv"):
+        check_text_file(name, path)
     try:
         return datasets.load_dataset(fmt, data_files=str(path), split="train")
     except (ValueError, StopIteration) as err:  # e.g. a file with only blank lines
-        raise DatasetError(f"dataset '{name}' is empty or unreadable ({path}): {err!r}") from err
+        raise DatasetError(f"dataset '{name}' is empty or unreadable ({path}): {err!r}") from None
+    except Exception as err:  # anything else the reader trips on, named in one line
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise DatasetError(
+            f"dataset '{name}': cannot read {path} as {fmt}: {type(err).__name__} {first}"
+        ) from None
+
+
+def check_text_file(name: str, path: Path) -> None:
+    """UTF-8 throughout, and for .jsonl one JSON object per non-blank line (.json: one JSON
+    document): the first fault is named by file and line, before any reader sees the file."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DatasetError(
+            f"dataset '{name}': {path} line {line}: not UTF-8 text (byte {err.start})"
+        ) from None
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise DatasetError(
+                    f"dataset '{name}': {path} line {number}: not JSON ({err})"
+                ) from None
+            if not isinstance(row, dict):
+                raise DatasetError(
+                    f"dataset '{name}': {path} line {number}: expected a JSON object per line"
+                )
+    elif path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+        except ValueError as err:
+            raise DatasetError(f"dataset '{name}': {path}: not JSON ({err})") from None
 
 
 def load_problems(name: str, entry: dict) -> pd.DataFrame:
@@ -159,6 +223,7 @@ def load_problems(name: str, entry: dict) -> pd.DataFrame:
             raise DatasetError(
                 f"dataset '{name}': {key} '{field}' is not a column; available: {', '.join(columns)}"
             )
+    check_present(name, entry, rows)
     frame = pd.DataFrame(
         {
             "id": [
@@ -173,13 +238,23 @@ def load_problems(name: str, entry: dict) -> pd.DataFrame:
     )
     if entry["limit"] is not None:
         frame = frame.iloc[: int(entry["limit"])].reset_index(drop=True)
-    try:
-        frame["prompt"] = [entry["prompt_template"].format(problem=p) for p in frame["problem"]]
-    except (KeyError, IndexError) as err:
-        raise DatasetError(
-            f"dataset '{name}': prompt_template may only use {{problem}} (braces in LaTeX are written {{{{ }}}}): {err}"
-        ) from err
+    frame["prompt"] = [entry["prompt_template"].format(problem=p) for p in frame["problem"]]
     return frame
+
+
+def check_present(name: str, entry: dict, rows) -> None:
+    """Refuse rows whose problem or answer is null or blank (they would be sampled as the prompt
+    "None", or graded against nothing): one line with the count and the first row (1-based)."""
+    for key in ("problem_field", "answer_field"):
+        field = entry[key]
+        empty = [
+            i for i, r in enumerate(rows, start=1) if r[field] is None or not str(r[field]).strip()
+        ]
+        if empty:
+            raise DatasetError(
+                f"dataset '{name}': {len(empty)} row(s) with a null or empty '{field}' "
+                f"({key}), the first is row {empty[0]}; fix or drop them"
+            )
 
 
 def write_parquet_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> None:

@@ -36,6 +36,12 @@ def local_dataset(cfg, tmp, rows):
     cfg["datasets"]["arith"] = {"source": "local", "path": str(path)}
 
 
+def raw_dataset(cfg, tmp, data: bytes):
+    path = tmp / "problems.jsonl"
+    path.write_bytes(data)
+    cfg["datasets"]["arith"] = {"source": "local", "path": str(path)}
+
+
 def external_run_without_optimizer(cfg, tmp):
     folder = tmp / "ext/checkpoint-3"
     folder.mkdir(parents=True)
@@ -142,6 +148,50 @@ CASES = [
         lambda cfg, tmp: local_dataset(cfg, tmp, []),
         None,
         ["dataset 'arith' is empty", "problems.jsonl"],
+        NO_PROBLEMS,
+    ),
+    Case(
+        "dataset-path-is-a-folder",
+        set_key(["datasets", "arith"], lambda tmp: {"source": "local", "path": str(tmp)}),
+        None,
+        ["dataset 'arith':", "is a folder; give the data file itself"],
+        NO_PROBLEMS,
+    ),
+    Case(
+        "dataset-not-utf8",
+        lambda cfg, tmp: raw_dataset(cfg, tmp, b'{"problem": "1+1", "answer": "2"}\n\xff\xfe\n'),
+        None,
+        ["problems.jsonl line 2: not UTF-8 text"],
+        NO_PROBLEMS,
+    ),
+    Case(
+        "dataset-line-not-json",
+        lambda cfg, tmp: raw_dataset(cfg, tmp, b'{"problem": "1+1", "answer": "2"}\n{oops\n'),
+        None,
+        ["problems.jsonl line 2: not JSON"],
+        NO_PROBLEMS,
+    ),
+    Case(
+        "dataset-null-problem",
+        lambda cfg, tmp: local_dataset(
+            cfg, tmp, [{"problem": "1+1", "answer": "2"}, {"problem": None, "answer": "3"}]
+        ),
+        None,
+        ["1 row(s) with a null or empty 'problem'", "the first is row 2"],
+        NO_PROBLEMS,
+    ),
+    Case(
+        "template-attribute-access",
+        set_key(["datasets", "arith", "prompt_template"], "{problem.__class__}"),
+        None,
+        ["prompt_template may only use {problem}", "found {problem.__class__}"],
+        NO_PROBLEMS,
+    ),
+    Case(
+        "template-format-spec",
+        set_key(["datasets", "arith", "prompt_template"], "{problem:>40}"),
+        None,
+        ["found {problem:>40}"],
         NO_PROBLEMS,
     ),
     Case(

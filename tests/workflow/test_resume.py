@@ -20,6 +20,7 @@ KILLER = textwrap.dedent(
     """
     import os, signal
     from pathlib import Path
+    os.environ.setdefault("ENTROFLOW_CONTROLLER_PID", str(os.getpid()))  # the first: snakemake
     if os.environ.get("ENTROFLOW_KILL_AFTER_SAVES"):
         from entroflow.journal import BatchJournal
 
@@ -31,6 +32,8 @@ KILLER = textwrap.dedent(
             saved = len(list(self.folder.glob("batch-*.npz")))
             if saved >= int(os.environ["ENTROFLOW_KILL_AFTER_SAVES"]) and not mark.exists():
                 mark.touch()
+                if os.environ.get("ENTROFLOW_KILL_CONTROLLER"):  # kill -9 of snakemake itself
+                    os.kill(int(os.environ["ENTROFLOW_CONTROLLER_PID"]), signal.SIGKILL)
                 os.kill(os.getpid(), signal.SIGKILL)
 
         BatchJournal.save = save
@@ -53,8 +56,21 @@ def read_all(path):
     return out
 
 
-@pytest.mark.workflow
-def test_killed_generation_and_scoring_resume_to_the_same_files(tmp_path, tiny_tokenizer):
+def killer_env(tmp_path, marks, **extra) -> dict[str, str]:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    marks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILLER)
+    pythonpath = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p)
+    return {
+        "PYTHONPATH": pythonpath,
+        "ENTROFLOW_KILL_AFTER_SAVES": "2",
+        "ENTROFLOW_KILL_MARKS": str(marks),
+        **extra,
+    }
+
+
+def write_config(tmp_path, tiny_tokenizer):
     model_dir = save_tiny_model(tmp_path / "tiny-model", tiny_tokenizer, seed=6)
     cfg = tiny_config(
         model_dir,
@@ -69,10 +85,13 @@ def test_killed_generation_and_scoring_resume_to_the_same_files(tmp_path, tiny_t
     cfg["scoring"] = {"max_tokens_per_batch": 64}  # a few responses per scoring batch
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cfg))
+    return config
 
-    def run(work, *extra, env=None):
+
+def runner(config):
+    def run(work, *extra, env=None, target=TARGET):
         return snakemake(
-            TARGET,
+            *([target] if target else []),
             "--cores",
             "1",
             *extra,
@@ -85,19 +104,17 @@ def test_killed_generation_and_scoring_resume_to_the_same_files(tmp_path, tiny_t
             env=env,
         )
 
+    return run
+
+
+@pytest.mark.workflow
+def test_killed_generation_and_scoring_resume_to_the_same_files(tmp_path, tiny_tokenizer):
+    run = runner(write_config(tmp_path, tiny_tokenizer))
+
     plain = run(tmp_path / "plain")
     assert plain.returncode == 0, plain.stderr[-3000:]
 
-    hooks, marks = tmp_path / "hooks", tmp_path / "marks"
-    hooks.mkdir()
-    marks.mkdir()
-    (hooks / "sitecustomize.py").write_text(KILLER)
-    pythonpath = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p)
-    env = {
-        "PYTHONPATH": pythonpath,
-        "ENTROFLOW_KILL_AFTER_SAVES": "2",
-        "ENTROFLOW_KILL_MARKS": str(marks),
-    }
+    env = killer_env(tmp_path, marks := tmp_path / "marks")
     work = tmp_path / "killed"
     killed = run(work, "--retries", "1", env=env)
     out = killed.stdout + killed.stderr
@@ -125,3 +142,21 @@ def test_killed_generation_and_scoring_resume_to_the_same_files(tmp_path, tiny_t
         zip(responses["responses/prompt_index"], responses["responses/sample_index"], strict=True)
     )
     assert pairs == [(p, s) for p in range(12) for s in range(2)]  # none lost or duplicated
+
+
+@pytest.mark.workflow
+def test_a_killed_controller_resumes_after_unlock(tmp_path, tiny_tokenizer):
+    """kill -9 of snakemake itself leaves its lock: the README's way back is `--unlock`, then
+    the same command, which reruns the interrupted job from its saved batches."""
+    run = runner(write_config(tmp_path, tiny_tokenizer))
+    work = tmp_path / "killed"
+    env = killer_env(tmp_path, tmp_path / "marks", ENTROFLOW_KILL_CONTROLLER="1")
+    killed = run(work, env=env)
+    assert killed.returncode != 0 and not (work / TARGET).exists()
+    locked = run(work)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    assert run(work, "--unlock", target=None).returncode == 0
+    again = run(work)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    log = (work / "logs/generate_responses/x.0-of-1.log").read_text()
+    assert "resuming: 2 batches already saved" in log, log

@@ -67,14 +67,13 @@ class BatchJournal:
         self.folder = Path(folder)
         self.key = key
         meta = self.folder / self.META
-        if self.folder.exists():
-            if self._saved_key(meta) != key:
-                log.warning(
-                    "discarding %d saved batches in %s: they were made from other inputs or settings",
-                    len(self._batch_files()),
-                    self.folder,
-                )
-                shutil.rmtree(self.folder)
+        if self.folder.exists() and self._saved_key(meta) != key:
+            log.warning(
+                "discarding %d saved batches in %s: they were made from other inputs or settings",
+                len(self._batch_files()),
+                self.folder,
+            )
+            shutil.rmtree(self.folder)
         self.resumed = len(self._batch_files())
         if self.resumed:
             log.info("resuming: %d batches already saved in %s", self.resumed, self.folder)

@@ -45,6 +45,11 @@ def looks_like_hub_id(path: str) -> bool:
     )
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
 def check_model_path(name: str, path: str) -> None:
     if not is_local(path) and not looks_like_hub_id(path):
         raise ModelError(
@@ -130,7 +135,16 @@ def convert_gguf(file: Path, out_dir: str | Path) -> None:
 def load_tokenizer(path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    from entroflow.model_folder import check_model_folder, check_vocab_fits
+
+    config = check_model_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ModelError(f"model {path}: cannot load its tokenizer: {_first_line(err)}") from None
+    if len(tokenizer) == 0:
+        raise ModelError(f"model {path}: its tokenizer is empty")
+    check_vocab_fits(Path(path), len(tokenizer), config.get("vocab_size"))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -143,6 +157,8 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from entroflow.model_folder import check_model_folder
+
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype '{dtype}'; available: {', '.join(DTYPES)}")
     dev = resolve_device(device)
@@ -151,7 +167,15 @@ def load_model(
         torch_dtype = (
             torch.float32
         )  # bf16 matmuls on CPU are slow and not what users compare against
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch_dtype)
+    check_model_folder(path, tokenizer=False)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch_dtype)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:  # and safetensors' errors:
+        raise ModelError(f"model {path}: cannot load: {_first_line(err)}") from None
+    except Exception as err:
+        if type(err).__module__.split(".")[0] != "safetensors":
+            raise
+        raise ModelError(f"model {path}: damaged weights: {_first_line(err)}") from None
     model.to(dev).eval()
     log.info(
         "loaded %s (%s, %.1fM parameters) on %s",

@@ -10,15 +10,19 @@ and CSV export. A step is read only when selected (`EntropySource`).
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import sys
 from functools import lru_cache
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dash_table, dcc, html
+from dash.exceptions import PreventUpdate
 
-from entroflow.viewer.data import EntropySource
+from entroflow.errors import EntroflowError
+from entroflow.viewer.data import MAX_TOP_K, EntropySource, parse_bound, parse_top_k
 from entroflow.viewer.render import heatmap_html, legend, token_view
 
 THRESHOLDS = (50, 80, 95)
@@ -107,12 +111,27 @@ def word_cloud_src(counts: pd.Series) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _number(value) -> float | None:
-    return None if value in (None, "") else float(value)
+def one_line_errors(callback):
+    """A bad step file or input met in a callback: one `error:` line on the server's console
+    and the page left as it was, not a traceback."""
+
+    @functools.wraps(callback)
+    def guarded(*args):
+        try:
+            return callback(*args)
+        except EntroflowError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise PreventUpdate from None
+
+    return guarded
 
 
 def build_app(source: EntropySource) -> Dash:
     app = Dash(__name__, title=f"entroflow · {source.path.name}")
+
+    def callback(*args, **kwargs):  # app.callback, with one_line_errors
+        return lambda function: app.callback(*args, **kwargs)(one_line_errors(function))
+
     steps = source.steps()
     first_step = int(steps["step"].iloc[0])
     app.layout = html.Div(
@@ -145,7 +164,13 @@ def build_app(source: EntropySource) -> Dash:
                 children=[
                     html.Label("top-K tokens per step, K = "),
                     dcc.Input(
-                        id="top-k", type="number", min=1, value=20, debounce=True, style=SMALL
+                        id="top-k",
+                        type="number",
+                        min=1,
+                        max=MAX_TOP_K,
+                        value=20,
+                        debounce=True,
+                        style=SMALL,
                     ),
                 ],
             ),
@@ -228,7 +253,7 @@ def build_app(source: EntropySource) -> Dash:
     def cloud(step: int) -> str:  # the slowest part of opening a step: once per step
         return word_cloud_src(source.high_entropy_counts(step))
 
-    @app.callback(
+    @callback(
         Output("step", "data"),
         Input("steps-table", "active_cell"),
         State("steps-table", "derived_viewport_data"),
@@ -237,7 +262,7 @@ def build_app(source: EntropySource) -> Dash:
     def select_step(cell, rows):
         return int(rows[cell["row"]]["step"])
 
-    @app.callback(
+    @callback(
         Output("step-title", "children"),
         Output("histogram", "figure"),
         Output("wordcloud", "src"),
@@ -259,7 +284,7 @@ def build_app(source: EntropySource) -> Dash:
             0,
         )
 
-    @app.callback(
+    @callback(
         Output("top-high", "data"),
         Output("top-high", "columns"),
         Output("top-low", "data"),
@@ -268,10 +293,10 @@ def build_app(source: EntropySource) -> Dash:
         Input("top-k", "value"),
     )
     def show_extremes(step, k):
-        high, low = source.extreme_tokens(step, int(k or 20))
+        high, low = source.extreme_tokens(step, parse_top_k(k))
         return _records(high), _columns(high), _records(low), _columns(low)
 
-    @app.callback(
+    @callback(
         Output("response", "data", allow_duplicate=True),
         Input("responses-table", "active_cell"),
         State("responses-table", "derived_viewport_data"),
@@ -291,9 +316,9 @@ def build_app(source: EntropySource) -> Dash:
 
     def current_view(step, response, h_min, h_max, search, sort):
         tokens = source.tokens(step, response)
-        return tokens, token_view(tokens, _number(h_min), _number(h_max), search, sort)
+        return tokens, token_view(tokens, parse_bound(h_min), parse_bound(h_max), search, sort)
 
-    @app.callback(
+    @callback(
         Output("response-title", "children"),
         Output("prompt", "children"),
         Output("legend", "children"),
@@ -311,7 +336,9 @@ def build_app(source: EntropySource) -> Dash:
             html.Span(label, style={"background": bg, "color": fg, "padding": "2px 8px"})
             for label, bg, fg in legend(step_entropy, scale)
         ]
-        page = heatmap_html(tokens, step_entropy, scale, _number(h_min), _number(h_max), search)
+        page = heatmap_html(
+            tokens, step_entropy, scale, parse_bound(h_min), parse_bound(h_max), search
+        )
         count = f"{len(view)} of {len(tokens)} tokens shown"
         if search:
             count += f" (matching '{search}')"
@@ -325,7 +352,7 @@ def build_app(source: EntropySource) -> Dash:
             count,
         )
 
-    @app.callback(
+    @callback(
         Output("download", "data"),
         Input("export", "n_clicks"),
         *[State(i.component_id, i.component_property) for i in view_inputs],

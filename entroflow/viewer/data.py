@@ -40,6 +40,53 @@ def step_statistics(entropy: np.ndarray) -> dict:
     return stats
 
 
+REQUIRED = ("tokens/entropy", "tokens/token_id", "responses/offsets")
+MAX_TOP_K = 1000  # rows of the top-K tables (the browser bounds it too; the server decides)
+
+
+def read_manifest(manifest: Path) -> list[dict]:
+    """The manifest's rows; a line that is not a JSON object with `step` and `file` is named."""
+    rows = []
+    for number, line in enumerate(manifest.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            int(row["step"]), str(row["file"])
+        except (ValueError, KeyError, TypeError):
+            raise ViewerError(
+                f"{manifest} line {number}: not a JSON object with 'step' and 'file'"
+            ) from None
+        rows.append(row)
+    return rows
+
+
+def step_file(trace: Path, name: str) -> Path:
+    """A step file named by the manifest, which must lie inside the trace folder."""
+    path = (trace / name).resolve()
+    if not path.is_relative_to(trace.resolve()):
+        raise ViewerError(f"{trace / 'manifest.jsonl'}: step file {name!r} is outside {trace}")
+    return path
+
+
+def parse_top_k(value, default: int = 20) -> int:
+    """The top-K input as the server accepts it: an integer in [1, MAX_TOP_K]."""
+    try:
+        k = int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return min(max(k, 1), MAX_TOP_K)
+
+
+def parse_bound(value) -> float | None:
+    """An entropy-range input: a finite number, else no bound."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
 class EntropySource:
     """Steps, responses and tokens of a trace directory or an entropy file, read on demand."""
 
@@ -52,14 +99,16 @@ class EntropySource:
             manifest = path / "manifest.jsonl"
             if not manifest.exists():
                 raise ViewerError(f"{path}: no manifest.jsonl (expected a trace directory)")
-            rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+            rows = read_manifest(manifest)
             if not rows:
                 raise ViewerError(f"{manifest}: no steps yet")
-            self._files = {int(r["step"]): path / r["file"] for r in rows}
+            self._files = {int(r["step"]): step_file(path, r["file"]) for r in rows}
             self._manifest = pd.DataFrame(rows).drop(columns=["file"]).sort_values("step")
         elif path.suffix == ".h5" and path.is_file():
             self._files = {0: path}
             self._manifest = None
+            with self._file(0):  # refuses a file without token entropies up front
+                pass
         else:
             raise ViewerError(f"{path}: give a trace directory or an .h5 entropy file")
 
@@ -78,9 +127,17 @@ class EntropySource:
             raise ViewerError(f"no step {step}; available: {sorted(self._files)[:10]}...")
         path = self._files[step]
         try:
-            return h5py.File(path, "r")
+            f = h5py.File(path, "r")
         except OSError as err:
-            raise ViewerError(f"{path}: cannot open ({err})") from err
+            raise ViewerError(f"{path}: cannot open as HDF5 ({err})") from None
+        missing = [k for k in REQUIRED if k not in f]
+        if missing:
+            f.close()
+            raise ViewerError(
+                f"{path}: not an entropy file (no {', '.join(missing)}); a generation shard "
+                "(generated.*.h5) has no entropies yet: open its scored.*.h5 or entropy.h5"
+            )
+        return f
 
     @lru_cache(maxsize=8)  # noqa: B019 (one source per viewer process)
     def entropy(self, step: int) -> np.ndarray:

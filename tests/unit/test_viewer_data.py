@@ -169,3 +169,75 @@ def test_per_response_handles_empty_responses_anywhere():
     np.testing.assert_array_equal(
         per_response(values, offsets, np.maximum), [np.nan, 2.0, np.nan, 5.0, np.nan]
     )
+
+
+def test_bad_manifest_lines_and_step_files_are_one_line(trace, tmp_path):
+    path, _ = trace
+    manifest = path / "manifest.jsonl"
+    good = manifest.read_text()
+    for bad, expected in [
+        ("{not json\n", "manifest.jsonl line 4: not a JSON object with 'step' and 'file'"),
+        ('{"step": 9}\n', "line 4: not a JSON object with 'step' and 'file'"),
+        ('{"step": 9, "file": "../../etc/passwd"}\n', "step file '../../etc/passwd' is outside"),
+    ]:
+        manifest.write_text(good + bad)
+        with pytest.raises(ViewerError) as caught:
+            EntropySource(path)
+        assert expected in str(caught.value) and "\n" not in str(caught.value)
+    manifest.write_text(good)
+    (path / "steps/step_000002.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ViewerError, match=r"step_000002.h5: cannot open as HDF5"):
+        EntropySource(path).entropy(2)
+
+
+def test_a_generation_shard_is_refused_by_name(tmp_path):
+    shard = tmp_path / "generated.0-of-1.h5"
+    with h5py.File(shard, "w") as f:
+        f["responses/offsets"] = np.array([0, 2])
+        f["tokens/token_id"] = np.array([1, 2], np.int32)
+    with pytest.raises(
+        ViewerError, match=r"generated.0-of-1.h5: not an entropy file \(no tokens/entropy\)"
+    ):
+        EntropySource(shard)
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (None, 20),
+        ("", 20),
+        ("abc", 20),
+        (-5, 1),
+        (0, 1),
+        (7, 7),
+        ("12", 12),
+        (1e18, 1000),
+        ("nan", 20),
+    ],
+)
+def test_top_k_is_bounded_on_the_server(value, expected):
+    from entroflow.viewer.data import parse_top_k
+
+    assert parse_top_k(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value,expected", [(None, None), ("", None), ("x", None), ("inf", None), ("0.5", 0.5)]
+)
+def test_entropy_bounds_parse_or_mean_no_bound(value, expected):
+    from entroflow.viewer.data import parse_bound
+
+    assert parse_bound(value) == expected
+
+
+def test_callbacks_turn_bad_input_into_one_error_line(capsys):
+    from dash.exceptions import PreventUpdate
+
+    from entroflow.viewer.app import one_line_errors
+
+    def show(step):
+        raise ViewerError(f"no step {step}")
+
+    with pytest.raises(PreventUpdate):
+        one_line_errors(show)(7)
+    assert capsys.readouterr().err == "error: no step 7\n"

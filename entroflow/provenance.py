@@ -1,9 +1,10 @@
 """Which config made a shared intermediate, so two configs in one directory cannot silently
 overwrite each other's work.
 
-`resources/datasets/{name}.parquet` is named by the dataset's name alone. When another config
-uses the same name for a different dataset, Snakemake would rebuild the file (its params changed)
-and then redo every result of the first config that reads it. The rule that writes such a file
+`resources/datasets/{name}.parquet`, `results/{experiment}/` and `results/runs/{run}/` are
+named by the entry's name alone. When another config uses the same name for a different entry,
+Snakemake would rebuild the file (its params changed) and then redo every result of the first
+config that reads it. The rule that writes such a file
 records beside it the config file(s) and the specification it was made from; at parse time a
 config whose specification differs, and that is not the config that made it, is refused with one
 line naming both. The config that made it may change its own specification (that reruns, as
@@ -57,3 +58,47 @@ def check_record(
         f"(differs in {', '.join(differ)}); this config ({', '.join(configs)}) would overwrite "
         f"it and invalidate that config's results: {rename}"
     )
+
+
+def experiment_spec(config: dict, name: str) -> dict:
+    """What an experiment's results depend on: its entry, its model's and its dataset's."""
+    from entroflow.datasets import resolve_entry
+
+    entry = {k: v for k, v in config["experiments"][name].items() if k != "default_target"}
+    dataset = entry["dataset"]
+    return {
+        "experiment": entry,
+        "model": config["models"][entry["model"]],
+        "dataset": resolve_entry(dataset, config["datasets"][dataset]),
+    }
+
+
+def run_spec(config: dict, name: str) -> dict:
+    """What a training run depends on: its entry and its model's."""
+    entry = config["runs"][name]
+    return {"run": entry, "model": config["models"][entry["model"]]}
+
+
+def shared_outputs(config: dict):
+    """(output, key, spec, what to do instead) of every named intermediate a config shares
+    with other configs in the same directory."""
+    from entroflow.datasets import resolve_entry
+
+    rename = "give the {} another name in this config (or delete {} to remake it)"
+    for name, entry in config["datasets"].items():
+        out = f"resources/datasets/{name}.parquet"
+        yield out, f"datasets.{name}", resolve_entry(name, entry), rename.format("dataset", out)
+    for name in config["experiments"]:
+        out = f"results/{name}/entropy.h5"
+        spec = experiment_spec(config, name)
+        yield out, f"experiments.{name}", spec, rename.format("experiment", f"results/{name}")
+    for name, run in config["runs"].items():
+        if run["checkpoints"] is None:  # trained here (an external run's folders are its own)
+            out = f"results/runs/{name}/run.json"
+            spec = run_spec(config, name)
+            yield out, f"runs.{name}", spec, rename.format("run", f"results/runs/{name}")
+
+
+def check_config_outputs(config: dict, configs: list[str]) -> None:
+    for output, key, spec, rename in shared_outputs(config):
+        check_record(output, key, configs, spec, rename)

@@ -4,6 +4,7 @@ from entroflow.io import check_contract, concat_token_tables, load_checked, writ
 from entroflow.logs import setup_logging
 from entroflow.models import load_tokenizer
 from entroflow.pipeline import add_vocab, mark_correctness, merge_checks
+from entroflow.provenance import experiment_spec, write_record
 
 log = setup_logging(snakemake.log[0])
 shards = [load_checked(path) for path in snakemake.input.shards]
@@ -14,6 +15,8 @@ table = mark_correctness(table)
 table = add_vocab(table, load_tokenizer(snakemake.input.model))
 check_contract(table, name=snakemake.output[0])
 write_token_file(snakemake.output[0], table)
+config, name = snakemake.config, snakemake.wildcards.experiment
+write_record(snakemake.output[0], config["_config_files"], experiment_spec(config, name))
 graded = table["responses/correct"]
 log.info("checks: %s", {k: v for k, v in attrs.items() if k.startswith("check_")})
 log.info(

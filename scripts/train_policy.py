@@ -4,6 +4,7 @@ import torch
 
 from entroflow.datasets import read_problems
 from entroflow.logs import setup_logging
+from entroflow.provenance import run_spec, write_record
 from entroflow.training.run import train_policy
 from entroflow.training.trainer import RunSettings
 
@@ -24,3 +25,7 @@ summary = train_policy(
 )
 if "reward_mean" in summary:
     log.info("reward %.3f -> %.3f", summary["reward_mean"]["first"], summary["reward_mean"]["last"])
+config = snakemake.config
+write_record(
+    snakemake.output.run, config["_config_files"], run_spec(config, snakemake.wildcards.run)
+)

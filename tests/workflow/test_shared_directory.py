@@ -31,10 +31,20 @@ def test_configs_share_a_directory(tmp_path, tiny_tokenizer):
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg))
 
-    made = run(work, paths["first"], "results/x/shards/scored.0-of-1.h5")
+    made = run(work, paths["first"], "results/x/entropy.h5")
     assert made.returncode == 0, made.stderr[-3000:]
     problems = work / "resources/datasets/arith.parquet"
     before = problems.read_bytes()
+
+    # Another config's experiment of the same name, sampled otherwise: refused, nothing touched.
+    other = copy.deepcopy(first)
+    other["experiments"]["x"]["sampling"]["temperature"] = 0.5
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    refused = run(work, tmp_path / "other.yaml", "results/x/entropy.h5")
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert "config: experiments.x: results/x/entropy.h5 was made by" in output, output[-3000:]
+    assert "differs in experiment" in output
 
     refused = run(work, paths["clash"], "results/y/shards/scored.0-of-1.h5")
     output = refused.stdout + refused.stderr
@@ -49,8 +59,8 @@ def test_configs_share_a_directory(tmp_path, tiny_tokenizer):
     paths["clash"].write_text(yaml.safe_dump(clash))
     made = run(work, paths["clash"], "results/y/shards/scored.0-of-1.h5")
     assert made.returncode == 0, made.stderr[-3000:]
-    for name, target in (("first", "x"), ("clash", "y")):
-        again = run(work, paths[name], f"results/{target}/shards/scored.0-of-1.h5", "-n")
+    for name, target in (("first", "x/entropy.h5"), ("clash", "y/shards/scored.0-of-1.h5")):
+        again = run(work, paths[name], f"results/{target}", "-n")
         assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, (
             again.stdout[-2000:]
         )
@@ -59,5 +69,5 @@ def test_configs_share_a_directory(tmp_path, tiny_tokenizer):
     # The config that made a file may change its own dataset: that reruns, as any param does.
     first["datasets"]["arith"]["n"] = 5
     paths["first"].write_text(yaml.safe_dump(first))
-    changed = run(work, paths["first"], "results/x/shards/scored.0-of-1.h5", "-n")
+    changed = run(work, paths["first"], "results/x/entropy.h5", "-n")
     assert changed.returncode == 0 and "download_dataset" in changed.stdout, changed.stderr[-2000:]

@@ -13,7 +13,7 @@ from entroflow.checkpoints import (
 from entroflow.config import validate_config
 from entroflow.models import gguf_file
 from entroflow.datasets import resolve_entry
-from entroflow.provenance import check_record
+from entroflow.provenance import check_config_outputs
 from entroflow.sweep import cell_name, sweep_cells
 from entroflow.training.settings import RunSettings
 
@@ -30,14 +30,7 @@ def config_files():
 # Rule scripts record which config made a shared intermediate (entroflow/provenance.py); the
 # key is set after validation and read by scripts only, so it is no param (no rerun trigger).
 config["_config_files"] = config_files()
-for _name, _entry in config["datasets"].items():
-    check_record(
-        f"resources/datasets/{_name}.parquet",
-        f"datasets.{_name}",
-        config["_config_files"],
-        resolve_entry(_name, _entry),
-        rename="give the dataset another name in this config (or delete the file to remake it)",
-    )
+check_config_outputs(config, config["_config_files"])
 
 FIGURES = [
     "entropy_histogram.png",

@@ -2,7 +2,15 @@
 
 It is a real Hugging Face model folder (`AutoModelForCausalLM.from_pretrained(dir)` loads it),
 trained for a fixed number of steps so the result is deterministic for a seed, and it really
-learns: `build_demo_model` reports greedy answer accuracy on held-out problems.
+learns: `build_demo_model` reports greedy answer accuracy on held-out problems, in the folder's
+`training_report.json` (`greedy_accuracy`, `eval_problems`), which the workflow's summary reads.
+
+The model learns the carries late: greedy accuracy stays near 0 for ~250 steps, then climbs
+steeply. 400 steps ended on that climb, where the outcome swings with any perturbation (0.49 for
+seed 0 and 0.92 for seed 1 on one machine; 0.975 for the same code, config and seed where the
+README was first measured). 800 steps (cosine schedule over all of them) reach 1.000 at step
+600-700 for seeds 0 and 1 and stay there, so the demo's quality no longer hangs on the CPU's
+floating-point rounding.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ class DemoModelConfig:
     hidden_size: int = 96
     layers: int = 3
     heads: int = 4
-    steps: int = 1200  # fixed, so the model is deterministic for a seed
+    steps: int = 800  # fixed, so the model is deterministic for a seed (see the schema)
     batch_size: int = 48
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
@@ -200,6 +208,7 @@ def build_demo_model(out_dir: str | Path, cfg: DemoModelConfig | None = None) ->
         "vocab_size": len(tokenizer),
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "greedy_accuracy": accuracy,
+        "eval_problems": cfg.eval_problems,
         "train_seconds": round(train_seconds, 1),
     }
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")

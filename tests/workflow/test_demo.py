@@ -40,6 +40,50 @@ def test_demo_training_reward_rises(demo):
     assert len(rows) == 30 and reward[-10:].mean() > reward[:10].mean() + 0.1
 
 
+# The README's claims about the demo model rest on it really doing the arithmetic: its greedy
+# accuracy on 200 held-out problems (resources/models/demo/training_report.json) is ~0.97 on the
+# 2-core CPU machine; below this floor the README's description of the model is false.
+GREEDY_ACCURACY_FLOOR = 0.9
+
+
+@pytest.mark.workflow
+def test_demo_model_does_the_arithmetic(demo):
+    report = json.loads((demo / "resources/models/demo/training_report.json").read_text())
+    assert report["eval_problems"] == 200
+    assert report["greedy_accuracy"] >= GREEDY_ACCURACY_FLOOR, report
+
+
+@pytest.mark.workflow
+def test_demo_summary_is_the_runs_numbers(demo):
+    """summary.json/.md (what the README quotes) agree with the files they summarise."""
+    summary = json.loads((demo / "results/demo/summary.json").read_text())
+    stats = json.loads((demo / "results/demo/stats.json").read_text())
+    report = json.loads((demo / "resources/models/demo/training_report.json").read_text())
+    assert summary["model"]["greedy_accuracy"] == report["greedy_accuracy"]
+    e = summary["entropy"]
+    assert e["n_tokens"] == stats["n_tokens"]
+    assert e["fraction_below_0.01"] == stats["fraction_below"]["0.01"]
+    assert e["forking_threshold"] == stats["forking_threshold"]
+    assert e["sampled_accuracy"] == stats["accuracy"]
+    assert {"Wait", "Thus", "Therefore", "So"} <= set(e["connectives_in_top_forking_tokens"])
+    (run,) = summary["runs"]
+    assert run["reward"]["steps"] == 30
+    assert run["reward"]["reward_last_steps"] > run["reward"]["reward_first_steps"] + 0.1
+    assert [c["step"] for c in run["checkpoints"]] == [10, 20, 30]
+    for c in run["checkpoints"]:
+        est = read_token_file(
+            demo / f"results/runs/demo/delta_h/checkpoint-{c['step']}.h5", groups=[""]
+        )
+        i = int(np.argmin(np.abs(est.groups[""]["eta"] - est.attrs["lr"])))
+        assert c["delta_h_true"] == est.groups[""]["delta_h_true"][i]
+        assert c["delta_h_first_order"] == est.groups[""]["delta_h_first_order"][i]
+        assert c["identity_relative_error"] < 1e-4
+    page = (demo / "results/demo/summary.md").read_text()
+    assert f"{stats['n_tokens']:,} tokens" in page
+    assert f"{stats['forking_threshold']:.3f} nats" in page
+    assert f"{report['greedy_accuracy']:.3f}" in page
+
+
 @pytest.mark.workflow
 def test_demo_delta_h_linear_regime(demo):
     names = [

@@ -1,3 +1,8 @@
+# Small summaries run on the controller (a login node on a cluster), not as jobs.
+localrules:
+    summarize_experiment,
+
+
 rule analyze_entropy:
     input:
         "results/{experiment}/entropy.h5",
@@ -109,3 +114,26 @@ rule render_token_view:
         responses=config["analysis"]["token_view_responses"],
     script:
         "../../scripts/render_token_view.py"
+
+
+rule summarize_experiment:
+    input:
+        unpack(get_summary_inputs),
+    output:
+        markdown=report(
+            "results/{experiment}/summary.md",
+            caption="../report/summary.rst",
+            category="Token entropy",
+            labels={"experiment": "{experiment}", "figure": "summary"},
+        ),
+        json="results/{experiment}/summary.json",
+    log:
+        "logs/summarize_experiment/{experiment}.log",
+    conda:
+        "../../envs/entroflow.yaml"
+    params:
+        library=library("summarize_experiment"),
+        runs=get_summary_runs,
+        reward_steps=10,
+    script:
+        "../../scripts/summarize_experiment.py"

@@ -68,6 +68,7 @@ def get_final_output():
             f"results/{name}/top_tokens.csv",
         ]
         outputs += [f"results/{name}/figures/{fig}" for fig in FIGURES]
+        outputs += [f"results/{name}/summary.md", f"results/{name}/summary.json"]
     for run in config["runs"]:
         outputs += run_outputs(run)
     for sweep in config["temperature_sweeps"]:
@@ -76,6 +77,59 @@ def get_final_output():
             f"results/sweeps/{sweep}/heatmap.png",
         ]
     return outputs
+
+
+def summary_runs(experiment):
+    """run -> the outputs summarize_experiment reads, for the runs of the experiment's model:
+    trace summary (the manifest lies beside it), eval table, ΔH files, Fisher kernels.
+    """
+    model = config["experiments"][experiment]["model"]
+    runs = {}
+    for run, entry in config["runs"].items():
+        if entry["model"] != model:
+            continue
+        delta_h = delta_h_checkpoints(run) if entry["delta_h"]["enabled"] else {}
+        fisher = delta_h if entry["fisher"]["enabled"] else {}
+        runs[run] = {
+            "trace": (
+                None
+                if entry["checkpoints"]
+                else f"results/runs/{run}/trace/summary.json"
+            ),
+            "eval_table": (
+                f"results/runs/{run}/eval/table.csv"
+                if entry["eval"]["dataset"]
+                else None
+            ),
+            "delta_h": {
+                s: f"results/runs/{run}/delta_h/checkpoint-{s}.h5" for s in delta_h
+            },
+            "fisher": {
+                s: f"results/runs/{run}/fisher/checkpoint-{s}/kernel.h5" for s in fisher
+            },
+        }
+    return runs
+
+
+def get_summary_runs(wildcards):
+    return summary_runs(wildcards.experiment)
+
+
+def get_summary_inputs(wildcards):
+    """stats, top tokens, the demo model (its training report) and every summary_runs file."""
+    inputs = {
+        "stats": f"results/{wildcards.experiment}/stats.json",
+        "top_tokens": f"results/{wildcards.experiment}/top_tokens.csv",
+    }
+    model = config["experiments"][wildcards.experiment]["model"]
+    if config["models"][model]["source"] == "demo":
+        inputs["model"] = DEMO_MODEL_DIR
+    files = []
+    for run in summary_runs(wildcards.experiment).values():
+        files += [f for f in (run["trace"], run["eval_table"]) if f]
+        files += list(run["delta_h"].values()) + list(run["fisher"].values())
+    inputs["runs"] = files
+    return inputs
 
 
 def model_dir(name):

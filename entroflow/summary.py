@@ -1,0 +1,257 @@
+"""One page of an experiment's headline numbers, read back from the files earlier rules wrote.
+
+The README quotes the demo's figures from `results/demo/summary.md`; `summary.json` holds the same
+numbers for tests. Nothing is recomputed here: every figure is read from an existing output,
+
+    stats.json            tokens, fraction below 0.01 / 0.1 nats, P50, P80 (forking threshold),
+                          sampled accuracy
+    top_tokens.csv        the most frequent forking (> P80) and low-entropy tokens
+    training_report.json  the demo model's greedy accuracy on held-out problems (demo models only)
+    trace/manifest.jsonl  a training run's reward per step: mean of the first and last k steps
+    eval/table.csv        Pass@k per checkpoint
+    delta_h/*.h5          per checkpoint, at η = lr: ΔH_true ± stderr and δH₁ (datasets read by
+                          name; other datasets and attributes in the file are ignored)
+    fisher/*/kernel.h5    per checkpoint: the kernel's reconstruction-identity relative error
+
+`summarize()` returns a plain dict; `markdown()` renders it; `write()` writes both files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+# Reasoning connectives of the arithmetic corpus (its opener, check and conclusion forks).
+CONNECTIVES = ("Wait", "So", "Thus", "Therefore", "Hence", "Let", "We", "First")
+
+
+@dataclass
+class RunFiles:
+    """A training run's outputs the summary reads (any of them may be absent)."""
+
+    name: str
+    manifest: Path | None = None  # trace/manifest.jsonl
+    eval_table: Path | None = None  # eval/table.csv
+    delta_h: dict[int, Path] = field(default_factory=dict)  # step -> delta_h/checkpoint-*.h5
+    fisher: dict[int, Path] = field(default_factory=dict)  # step -> fisher/checkpoint-*/kernel.h5
+
+
+def model_summary(report: dict) -> dict:
+    """The demo model's training report (`training_report.json`), the fields the README uses."""
+    cfg = report.get("config", {})
+    return {
+        "parameters": report["parameters"],
+        "vocab_size": report["vocab_size"],
+        "steps": cfg.get("steps"),
+        "final_loss": report["final_loss"],
+        "greedy_accuracy": report["greedy_accuracy"],
+        "eval_problems": report.get("eval_problems", cfg.get("eval_problems")),
+    }
+
+
+def entropy_summary(stats: dict, top: pd.DataFrame, n_tokens: int = 10) -> dict:
+    """Headline figures of stats.json and the first `n_tokens` tokens of each class."""
+
+    def tokens(cls: str) -> list[dict]:
+        rows = top[top["class"] == cls].sort_values("rank").head(n_tokens)
+        return [
+            {"token": str(r.token), "count": int(r.count), "mean_entropy": float(r.mean_entropy)}
+            for r in rows.itertuples()
+        ]
+
+    high = top[top["class"] == "high"]["token"].astype(str).tolist()
+    return {
+        "n_tokens": stats["n_tokens"],
+        "n_responses": stats["n_responses"],
+        "n_prompts": stats["n_prompts"],
+        "temperature": stats.get("temperature"),
+        "fraction_below_0.01": stats["fraction_below"]["0.01"],
+        "fraction_below_0.1": stats["fraction_below"]["0.1"],
+        "p50": stats["percentiles"]["P50"],
+        "forking_percentile": stats["forking_percentile"],
+        "forking_threshold": stats["forking_threshold"],
+        "sampled_accuracy": stats["accuracy"],
+        "connectives_in_top_forking_tokens": [c for c in CONNECTIVES if c in high[:30]],
+        "forking_tokens": tokens("high"),
+        "low_entropy_tokens": tokens("low"),
+    }
+
+
+def reward_summary(rows: list[dict], k: int) -> dict:
+    """Mean reward of the first and the last k steps of a run's trace manifest."""
+    reward = np.asarray([r["reward_mean"] for r in rows], dtype=np.float64)
+    k = max(1, min(k, len(reward) // 2))
+    return {
+        "steps": len(rows),
+        "k": k,
+        "reward_first_steps": float(reward[:k].mean()),
+        "reward_last_steps": float(reward[-k:].mean()),
+    }
+
+
+def _at_lr(f: h5py.File) -> int:
+    """Row of the η sweep closest to η = lr (the step training takes)."""
+    eta = f["eta"][()]
+    return int(np.argmin(np.abs(np.log(eta / float(f.attrs["lr"])))))
+
+
+def delta_h_summary(path: str | Path) -> dict:
+    """ΔH_true ± stderr and δH₁ at η = lr of one checkpoint's ΔH file, plus its log-log fit."""
+    with h5py.File(path, "r") as f:
+        i = _at_lr(f)
+        out = {
+            "eta": float(f["eta"][i]),
+            "delta_h_true": float(f["delta_h_true"][i]),
+            "stderr": float(f["stderr"][i]),
+            "delta_h_first_order": float(f["delta_h_first_order"][i]),
+        }
+        for name in ("loglog_slope", "loglog_r2"):
+            if name in f.attrs:
+                out[name] = float(f.attrs[name])
+    return out
+
+
+def fisher_summary(path: str | Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {"identity_relative_error": float(f.attrs["identity_relative_error"])}
+
+
+def run_summary(files: RunFiles, k: int = 10) -> dict:
+    out: dict = {"name": files.name}
+    if files.manifest is not None:
+        rows = [json.loads(x) for x in Path(files.manifest).read_text().splitlines() if x.strip()]
+        out["reward"] = reward_summary(rows, k)
+    if files.eval_table is not None:
+        table = pd.read_csv(files.eval_table)
+        out["eval"] = [
+            {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            for row in table.to_dict("records")
+        ]
+    steps = sorted(set(files.delta_h) | set(files.fisher))
+    out["checkpoints"] = []
+    for step in steps:
+        entry: dict = {"step": step}
+        if step in files.delta_h:
+            entry.update(delta_h_summary(files.delta_h[step]))
+        if step in files.fisher:
+            entry.update(fisher_summary(files.fisher[step]))
+        out["checkpoints"].append(entry)
+    return out
+
+
+def summarize(
+    experiment: str,
+    stats: dict,
+    top: pd.DataFrame,
+    model_report: dict | None = None,
+    runs: list[RunFiles] = (),
+    reward_steps: int = 10,
+) -> dict:
+    """The experiment's summary: model, entropy, and each run of its model."""
+    return {
+        "experiment": experiment,
+        "model": model_summary(model_report) if model_report else None,
+        "entropy": entropy_summary(stats, top),
+        "runs": [run_summary(r, reward_steps) for r in runs],
+    }
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _g(x: float, digits: int = 3) -> str:
+    """Significant digits, without scientific notation for ordinary magnitudes."""
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    if 1e-3 <= abs(x) < 1e4:
+        decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+        return f"{x:.{decimals}f}"
+    return f"{x:.{digits - 1}e}"
+
+
+def markdown(summary: dict) -> str:
+    """summary.md: the figures the README quotes, one line each."""
+    e = summary["entropy"]
+    lines = [f"# Summary: experiment `{summary['experiment']}`", ""]
+    m = summary["model"]
+    if m:
+        lines += [
+            "## Demo model",
+            "",
+            f"- {m['parameters']:,} parameters, {m['vocab_size']}-token BPE, {m['steps']} steps,"
+            f" final training loss {m['final_loss']:.4f}",
+            f"- greedy accuracy on {m['eval_problems']} held-out problems:"
+            f" {m['greedy_accuracy']:.3f}",
+            "",
+        ]
+    lines += [
+        "## Token entropy",
+        "",
+        f"- {e['n_tokens']:,} tokens in {e['n_responses']:,} responses to {e['n_prompts']}"
+        f" prompts (T = {e['temperature']})",
+        f"- below 0.01 nats: {_pct(e['fraction_below_0.01'])}; below 0.1 nats:"
+        f" {_pct(e['fraction_below_0.1'])}",
+        f"- P50 {e['p50']:.3f} nats; P{e['forking_percentile']:g} (forking threshold)"
+        f" {e['forking_threshold']:.3f} nats",
+        f"- sampled accuracy: {e['sampled_accuracy']:.3f}",
+        "- connectives among the 30 most frequent forking tokens: "
+        + (", ".join(f'"{c}"' for c in e["connectives_in_top_forking_tokens"]) or "none"),
+        "- top forking tokens (count, mean entropy): "
+        + ", ".join(
+            f"`{t['token']}` ({t['count']}, {t['mean_entropy']:.2f})" for t in e["forking_tokens"]
+        ),
+        "- top low-entropy tokens: "
+        + ", ".join(f"`{t['token']}`" for t in e["low_entropy_tokens"]),
+    ]
+    for run in summary["runs"]:
+        lines += ["", f"## Run `{run['name']}`", ""]
+        if "reward" in run:
+            r = run["reward"]
+            lines.append(
+                f"- reward, mean of the first {r['k']} → last {r['k']} of {r['steps']} steps:"
+                f" {r['reward_first_steps']:.3f} → {r['reward_last_steps']:.3f}"
+            )
+        for row in run.get("eval", []):
+            scores = ", ".join(
+                f"{key} {value:.3f}"
+                for key, value in row.items()
+                if key.startswith(("pass@", "avg@")) and isinstance(value, float)
+            )
+            lines.append(f"- eval, checkpoint {row['step']}: {scores}")
+        if run["checkpoints"]:
+            lines += [
+                "",
+                "| checkpoint | η = lr | ΔH_true ± stderr | δH₁ | log-log slope (R²) |"
+                " Fisher identity error |",
+                "|---|---|---|---|---|---|",
+            ]
+            for c in run["checkpoints"]:
+                dh = (
+                    f"{_g(c['delta_h_true'])} ± {_g(c['stderr'], 2)}"
+                    if "delta_h_true" in c
+                    else "-"
+                )
+                fit = (
+                    f"{c['loglog_slope']:.2f} ({c['loglog_r2']:.3f})"
+                    if "loglog_slope" in c and "loglog_r2" in c
+                    else "-"
+                )
+                lines.append(
+                    f"| {c['step']} | {_g(c['eta']) if 'eta' in c else '-'} | {dh} |"
+                    f" {_g(c['delta_h_first_order']) if 'delta_h_first_order' in c else '-'} |"
+                    f" {fit} |"
+                    f" {_g(c['identity_relative_error'], 2) if 'identity_relative_error' in c else '-'} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def write(summary: dict, json_path: str | Path, md_path: str | Path) -> None:
+    Path(json_path).write_text(json.dumps(summary, indent=2) + "\n")
+    Path(md_path).write_text(markdown(summary))

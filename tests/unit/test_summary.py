@@ -1,0 +1,121 @@
+"""entroflow.summary: reads the figures from the files earlier rules wrote, by name."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from entroflow.summary import RunFiles, markdown, summarize, write
+
+STATS = {
+    "n_tokens": 54321,
+    "n_responses": 1024,
+    "n_prompts": 128,
+    "temperature": 1.0,
+    "fraction_below": {"0.01": 0.005, "0.1": 0.75, "0.672": 0.85},
+    "percentiles": {"P50": 0.03, "P80": 0.44},
+    "forking_percentile": 80,
+    "forking_threshold": 0.4431,
+    "accuracy": 0.3125,
+}
+
+
+def top_tokens() -> pd.DataFrame:
+    high = ["4", "Wait", "\\", "Thus", "Therefore", "NA", "So", "3"]
+    rows = [("high", i + 1, t, 100 - i, 1.5, 0.1, "1") for i, t in enumerate(high)]
+    rows += [("low", i + 1, t, 900 - i, 0.01, 0.2, "2") for i, t in enumerate(["␣", ".", "="])]
+    return pd.DataFrame(
+        rows,
+        columns=["class", "rank", "token", "count", "mean_entropy", "share_of_class", "token_ids"],
+    )
+
+
+def delta_h_file(path, lr, extra=True):
+    eta = np.array([0.25, 0.5, 1, 2]) * lr
+    with h5py.File(path, "w") as f:
+        f["eta"] = eta
+        f["delta_h_true"] = np.array([1.0, 2.0, 3.0, 4.0])
+        f["stderr"] = np.array([0.1, 0.2, 0.3, 0.4])
+        f["delta_h_first_order"] = np.array([1.1, 2.1, 3.1, 4.1])
+        f.attrs["lr"] = lr
+        f.attrs["loglog_slope"] = 0.98
+        f.attrs["loglog_r2"] = 0.999
+        if extra:  # fields added later (confidence intervals, ...) are ignored
+            f["delta_h_true_ci_low"] = np.zeros(4)
+            f.attrs["ci_level"] = 0.95
+            f.create_group("e_batch")["tokens"] = np.arange(3)
+
+
+def test_summary_reads_each_figure_from_its_file(tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    rewards = [0.4, 0.5, 0.45, 0.7, 0.8, 0.75]
+    manifest.write_text(
+        "".join(json.dumps({"step": i + 1, "reward_mean": r}) + "\n" for i, r in enumerate(rewards))
+    )
+    eval_table = tmp_path / "table.csv"
+    pd.DataFrame({"step": [10, 20], "pass@1": [0.25, 0.3], "prompts": [48, 48]}).to_csv(
+        eval_table, index=False
+    )
+    delta_h_file(tmp_path / "d10.h5", 1e-3)
+    delta_h_file(tmp_path / "d20.h5", 1e-3, extra=False)
+    with h5py.File(tmp_path / "k10.h5", "w") as f:
+        f.attrs["identity_relative_error"] = 2.5e-9
+        f["K"] = np.zeros((2, 2))
+    run = RunFiles(
+        "demo",
+        manifest=manifest,
+        eval_table=eval_table,
+        delta_h={10: tmp_path / "d10.h5", 20: tmp_path / "d20.h5"},
+        fisher={10: tmp_path / "k10.h5"},
+    )
+    report = {
+        "config": {"steps": 800, "eval_problems": 200},
+        "parameters": 452304,
+        "vocab_size": 383,
+        "final_loss": 0.12,
+        "greedy_accuracy": 0.975,
+    }
+    summary = summarize("demo", STATS, top_tokens(), report, [run], reward_steps=3)
+
+    assert summary["model"]["greedy_accuracy"] == 0.975 and summary["model"]["steps"] == 800
+    e = summary["entropy"]
+    assert e["n_tokens"] == 54321 and e["forking_threshold"] == 0.4431
+    assert e["fraction_below_0.01"] == 0.005 and e["sampled_accuracy"] == 0.3125
+    assert e["connectives_in_top_forking_tokens"] == ["Wait", "So", "Thus", "Therefore"]
+    assert [t["token"] for t in e["forking_tokens"]][:3] == ["4", "Wait", "\\"]
+    r = summary["runs"][0]
+    assert r["reward"] == {
+        "steps": 6,
+        "k": 3,
+        "reward_first_steps": pytest.approx(0.45),
+        "reward_last_steps": pytest.approx(0.75),
+    }
+    assert [row["pass@1"] for row in r["eval"]] == [0.25, 0.3]
+    c10, c20 = r["checkpoints"]
+    # η = lr is the third row of the sweep
+    assert (c10["eta"], c10["delta_h_true"], c10["stderr"], c10["delta_h_first_order"]) == (
+        pytest.approx(1e-3),
+        3.0,
+        pytest.approx(0.3),
+        pytest.approx(3.1),
+    )
+    assert c10["identity_relative_error"] == 2.5e-9 and "identity_relative_error" not in c20
+    assert c20["loglog_slope"] == 0.98
+
+    write(summary, tmp_path / "s.json", tmp_path / "s.md")
+    assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(summary))
+    page = (tmp_path / "s.md").read_text()
+    for text in ("0.975", "54,321", "0.5%", "0.443", "0.312", "0.450 → 0.750", "3.00 ± 0.30"):
+        assert text in page, text
+    assert "| 10 | 0.00100 | 3.00 ± 0.30 | 3.10 | 0.98 (0.999) | 2.5e-09 |" in page
+
+
+def test_summary_without_model_report_or_runs():
+    summary = summarize("smollm2", STATS, top_tokens())
+    assert summary["model"] is None and summary["runs"] == []
+    page = markdown(summary)
+    assert "Demo model" not in page and "54,321 tokens" in page

@@ -145,11 +145,21 @@ def first_order_slope(
 
 
 def snis(
-    a_old: np.ndarray, a_new: np.ndarray, log_ratio: np.ndarray, d: np.ndarray, counts: np.ndarray
+    a_old: np.ndarray,
+    a_new: np.ndarray,
+    log_ratio: np.ndarray,
+    d: np.ndarray,
+    counts: np.ndarray,
+    clip: float | None = None,
 ) -> np.ndarray:
-    """ΔH_snis per resample (R,)."""
+    """ΔH_snis per resample (R,); `clip` caps w at clip x its (resample) mean."""
     w = np.exp(log_ratio - log_ratio.max())
-    new = (counts @ (w * a_new)) / (counts @ (w * d))
+    if clip is None:
+        new = (counts @ (w * a_new)) / (counts @ (w * d))
+    else:
+        cap = clip * (counts @ w) / counts.sum(1)  # (R,)
+        wc = counts * np.minimum(w[None, :], cap[:, None])  # (R, N)
+        new = (wc @ a_new) / (wc @ d)
     return new - (counts @ a_old) / (counts @ d)
 
 
@@ -164,6 +174,13 @@ def snis_slope(
 def ess(log_ratio: np.ndarray) -> float:
     w = np.exp(log_ratio - log_ratio.max())
     return float(w.sum() ** 2 / (w**2).sum())
+
+
+def clipped_fraction(log_ratio: np.ndarray, clip: float | None) -> float:
+    if clip is None:
+        return 0.0
+    w = np.exp(log_ratio - log_ratio.max())
+    return float((w > clip * w.mean()).mean())
 
 
 def interval(replicates: np.ndarray) -> tuple[float, float, float, float]:

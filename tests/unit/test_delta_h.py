@@ -333,3 +333,99 @@ def test_verdict():
     assert st.verdict(-0.9, -0.25) == "rejected"
     assert st.verdict(-0.1, 0.5) == "undecided"
     assert st.verdict(np.nan, np.nan) == "undecided"
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    """A float64 tiny Qwen3 with non-trivial LoRA adapters, and a copy of its base (the reference)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    base = float64_norms(Qwen3ForCausalLM(config).double().eval())
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return model.double().eval(), reference
+
+
+def lora_batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, 40, 3).tolist() for _ in range(n)]
+    responses = [rng.integers(1, 40, rng.integers(1, 6)).tolist() for _ in range(n)]
+    return prompts, responses
+
+
+def test_jvp_tangents_on_lora_adapters_equal_finite_differences(lora_model):
+    model, _ = lora_model
+    prompts, responses = lora_batch(6)
+    g = torch.Generator().manual_seed(0)
+    v = {
+        n: torch.randn(p.shape, generator=g, dtype=torch.float64)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+    def score():
+        return score_sequences(model, prompts, responses, pad_token_id=PAD, temperature=1.0)
+
+    jvp = score_with_tangent(score, model, v)
+    eps = 1e-6
+    with torch.no_grad():
+        with shifted(model, v, eps):
+            plus = score()
+        with shifted(model, v, -eps):
+            minus = score()
+    for i in range(len(responses)):
+        for got, p, m in (
+            (jvp.d_entropy[i], plus.entropy[i], minus.entropy[i]),
+            (jvp.d_logprob[i], plus.logprob[i], minus.logprob[i]),
+        ):
+            np.testing.assert_allclose(got, ((p - m) / (2 * eps)).numpy(), rtol=1e-5, atol=1e-7)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n in v)  # put back
+
+
+def test_maxent_grpo_advantages_are_listwise(lora_model):
+    from entroflow.delta_h_run import RunShape, u_batch_advantages
+    from entroflow.training.maxent import maxent_advantages, maxent_weights
+
+    model, reference = lora_model
+    prompts, responses = lora_batch(8, seed=1)
+    rewards = np.array([1.0, 0.0, 0.5, 1.0, 0.5, 0.5, 0.5, 0.5])  # the second group: all equal
+    run = RunShape(
+        "maxent_grpo",
+        4,
+        8,
+        1.0,
+        0.0,
+        maxent={"reward_temperature": 0.5, "floor": 1e-3},
+        maxent_state={"tau": 0.7, "beta": 0.2},
+    )
+    advantages, kept = u_batch_advantages(
+        model, prompts, responses, rewards, run, PAD, torch.float64
+    )
+    with torch.no_grad():
+        ref = scores_of(reference, prompts, responses)
+    w = maxent_weights(rewards.reshape(2, 4), ref.reshape(2, 4), 0.7, 0.2, 0.5, 1e-3)
+    np.testing.assert_allclose(advantages, maxent_advantages(w), rtol=1e-10)
+    assert kept.all() and np.abs(advantages[4:]).max() > 1e-3  # equal rewards still move
+    np.testing.assert_allclose(advantages.reshape(2, 4).sum(1), 0, atol=1e-12)
+
+
+def scores_of(model, prompts, responses):
+    sc = score_sequences(model, prompts, responses, pad_token_id=PAD, temperature=1.0)
+    return np.array([float(lp.sum()) for lp in sc.logprob])

@@ -28,16 +28,17 @@ from entroflow.delta_h import (
     functional_values,
     rl_loss,
     score_sequences,
-    score_with_tangent,
     shifted,
 )
 from entroflow.engines import SamplingParams
 from entroflow.engines.hf import HFEngine
 from entroflow.io import TokenTable, flatten
 from entroflow.pipeline import generation_table
+from entroflow.tangents import score_with_tangent
 from entroflow.training.rewards import correctness_rewards, format_rewards, group_advantages
 
 log = logging.getLogger(__name__)
+MAXENT_STATE_FILE = "maxent_state.json"  # τ, β in a maxent_grpo checkpoint (training.trainer)
 GROUND_TRUTH_METHOD = (
     "control variate: causal first order η⟨∇H, v⟩ (forward-mode JVP) + SNIS's remainder beyond "
     "its own linearisation on the same E-batch; 95% interval: normal, bootstrap over E sequences"
@@ -150,7 +151,7 @@ def replay_step(
 def _timed(clock: dict, key: str, fn):
     t0 = time.perf_counter()
     out = fn()
-    clock[key] = clock.get(key, 0.0) + time.perf_counter() - t0
+    clock.setdefault(key, []).append(time.perf_counter() - t0)
     return out
 
 
@@ -247,7 +248,7 @@ def estimate_delta_h(
         )
 
     # E-batch at θ: values and exact tangents along v and along the gradient part (forward AD).
-    clock: dict[str, float] = {}
+    clock: dict[str, list[float]] = {}
     with torch.no_grad():
         e_scores = _timed(clock, "forward", score_e_batch)
     e_jvp = _timed(clock, "jvp", lambda: score_with_tangent(score_e_batch, model, v))
@@ -390,15 +391,16 @@ def estimate_delta_h(
     at_lr = int(np.argmin(np.abs(etas / step.lr - 1.0)))
     fit_slope, r2 = fit_loglog(etas, est["delta_h_true"])
 
-    # Cost in forward passes over the E-batch (sampling excluded): measured wall time over the
-    # time of one plain forward, and the count of passes.
-    forward_equivalents = sum(clock.values()) / clock["forward"]
+    # Cost in forward passes over the E-batch (sampling excluded): the wall time of every pass
+    # over the median plain forward (robust to a busy machine), and the count of passes.
+    unit = float(np.median(clock["forward"] + clock["sweep"]))
+    forward_equivalents = sum(map(sum, clock.values())) / unit
     log.info(
-        "cost: %.1f forward-pass equivalents over the E-batch (1 forward, 2 JVPs at %.1f each, "
-        "%d shifted forwards); verdict at η = lr: %s",
+        "cost: %.1f forward-pass equivalents over the E-batch (%d forwards, 2 JVPs at %.1f each); "
+        "verdict at η = lr: %s",
         forward_equivalents,
-        clock["jvp"] / 2 / clock["forward"],
-        2 * len(etas),
+        1 + 2 * len(etas),
+        np.mean(clock["jvp"]) / unit,
         est["verdict"][at_lr],
     )
 

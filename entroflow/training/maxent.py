@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-MAXENT_STATE_FILE = "maxent_state.json"  # the controller's state, in every checkpoint folder
-
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)

@@ -19,7 +19,6 @@ from trl import GRPOConfig, GRPOTrainer
 
 from entroflow.delta_h import score_sequences
 from entroflow.training.maxent import (
-    MAXENT_STATE_FILE,
     MaxEntController,
     maxent_advantages,
     maxent_weights,
@@ -29,6 +28,7 @@ from entroflow.training.maxent import (
 log = logging.getLogger(__name__)
 
 PARAM_NAMES_FILE = "optimizer_param_names.json"
+MAXENT_STATE_FILE = "maxent_state.json"
 ALGORITHMS = {"grpo": "grpo", "dr_grpo": "dr_grpo", "maxent_grpo": "dr_grpo"}  # -> TRL loss_type
 
 

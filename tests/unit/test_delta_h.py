@@ -15,10 +15,10 @@ from entroflow.delta_h import (
     fit_loglog,
     functional_values,
     score_sequences,
-    score_with_tangent,
     shifted,
     snis_delta,
 )
+from entroflow.tangents import score_with_tangent
 from tests.conftest import float64_norms
 
 VOCAB, EOS, PAD, MAX_LEN = 5, 4, 0, 3
@@ -429,3 +429,10 @@ def test_maxent_grpo_advantages_are_listwise(lora_model):
 def scores_of(model, prompts, responses):
     sc = score_sequences(model, prompts, responses, pad_token_id=PAD, temperature=1.0)
     return np.array([float(lp.sum()) for lp in sc.logprob])
+
+
+def test_maxent_state_file_is_the_trainers():
+    from entroflow.delta_h_run import MAXENT_STATE_FILE
+    from entroflow.training.trainer import MAXENT_STATE_FILE as written
+
+    assert written == MAXENT_STATE_FILE

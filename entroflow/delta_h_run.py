@@ -155,25 +155,6 @@ def _timed(clock: dict, key: str, fn):
     return out
 
 
-def covariance_predictor(
-    u_scores, u_tangent, advantages: np.ndarray, groups: np.ndarray, counts_groups: np.ndarray
-) -> np.ndarray:
-    """Cui et al. (2025) per resample of the U-batch's groups (R,): the token-level covariance
-    C = Cov_tokens(log π(y_t), A_t) and the step's size in logit space κ (the least-squares slope
-    of the tokens' JVP log-prob change dlp_t on A_t - Ā: tabular natural PG moves log π(a_t) by
-    κ (A_t - E_π A)). The predicted per-token entropy change per unit η is -κ C."""
-    lp = np.array([x.sum() for x in u_scores.logprob])
-    n_tok = np.array([len(x) for x in u_scores.logprob], dtype=np.float64)
-    dlp = np.array([x.sum() for x in u_tangent])
-    counts = counts_groups[:, groups]  # (R, N_U): a group's count for each of its sequences
-    n = counts @ n_tok
-    mean_lp, mean_a = counts @ lp / n, counts @ (n_tok * advantages) / n
-    cov = counts @ (advantages * lp) / n - mean_lp * mean_a
-    centred = advantages[None, :] - mean_a[:, None]
-    kappa = (counts * centred * dlp).sum(1) / (counts * n_tok * centred**2).sum(1)
-    return -kappa * cov
-
-
 def estimate_delta_h(
     model,
     tokenizer,
@@ -296,8 +277,12 @@ def estimate_delta_h(
     group_counts = st.resample_counts(
         int(u_groups.max()) + 1, settings.bootstrap, settings.seed + 1
     )
-    cov_per_token = covariance_predictor(
-        u_jvp, u_jvp.d_logprob, advantages[kept], u_groups, group_counts
+    cov_per_token = st.covariance_predictor(
+        [lp.sum() for lp in u_jvp.logprob],
+        [len(lp) for lp in u_jvp.logprob],
+        [d.sum() for d in u_jvp.d_logprob],
+        advantages[kept],
+        group_counts[:, u_groups],  # a group's count for each of its sequences
     )
     # Per-token entropy change; the sequence functional Σ_t H_t sums it over the E-batch's tokens.
     cov_scale = 1.0 if per_token else float(arrays.lengths.mean())

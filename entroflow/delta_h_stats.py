@@ -171,6 +171,28 @@ def snis_slope(
     return (counts @ (da + a * d_score)) / sd - (counts @ a) * (counts @ (d * d_score)) / sd**2
 
 
+def covariance_predictor(
+    logprob_sum, n_tokens, d_logprob_sum, advantages, counts: np.ndarray
+) -> np.ndarray:
+    """Cui et al. (2025, arXiv 2505.22617), per-token entropy change per unit step, (R,).
+
+    Tabular softmax under natural PG moves log π(a|s) by κ (A(s,a) - E_π A) and changes the
+    entropy at s by -κ Cov_{a~π}(log π(a|s), A(s,a)). Over the U-batch's tokens (each carrying
+    its sequence's advantage A_i): C = Cov_tokens(log π(y_t), A_t), and κ the least-squares slope
+    of the tokens' log-prob change along the update (dlp_t) on A_t - Ā, i.e. the step's size in
+    logit space as the network and Adam realise it. Inputs are per sequence (Σ_t log π, L_i,
+    Σ_t dlp_t, A_i); `counts` (R, N_U) resamples sequences (whole groups, for group advantages).
+    """
+    lp, n_tok = np.asarray(logprob_sum, float), np.asarray(n_tokens, float)
+    dlp, adv = np.asarray(d_logprob_sum, float), np.asarray(advantages, float)
+    n = counts @ n_tok
+    mean_lp, mean_a = counts @ lp / n, counts @ (n_tok * adv) / n
+    cov = counts @ (adv * lp) / n - mean_lp * mean_a
+    centred = adv[None, :] - mean_a[:, None]
+    kappa = (counts * centred * dlp).sum(1) / (counts * n_tok * centred**2).sum(1)
+    return -kappa * cov
+
+
 def ess(log_ratio: np.ndarray) -> float:
     w = np.exp(log_ratio - log_ratio.max())
     return float(w.sum() ** 2 / (w**2).sum())

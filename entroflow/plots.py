@@ -189,6 +189,15 @@ def training_curves(rows: list[dict], path, title: str = "") -> None:
             ms=4,
             label="realised H̄(θ+Δθ) − H̄(θ)",
         )
+        if all("probe_delta_h_cov" in r for r in rows):
+            axes[2].plot(
+                steps,
+                [r["probe_delta_h_cov"] for r in rows],
+                ":",
+                marker="^",
+                ms=3,
+                label="covariance predictor -κ Cov(log π, A)",
+            )
         axes[2].axhline(0, color="grey", lw=0.5)
         axes[2].legend(fontsize=7)
     else:

@@ -436,3 +436,25 @@ def test_maxent_state_file_is_the_trainers():
     from entroflow.training.trainer import MAXENT_STATE_FILE as written
 
     assert written == MAXENT_STATE_FILE
+
+
+def test_covariance_predictor_is_exact_for_tabular_natural_pg():
+    """One softmax state, logits z, natural PG z' = z + η A: dH/dη at 0 = -Cov_π(log π, A)
+    (Cui et al. 2025). As 'tokens' weighted by π with their log-prob change per unit step,
+    the predictor reproduces the finite-difference derivative of the exact entropy."""
+    rng = np.random.default_rng(0)
+    z, adv = rng.normal(size=7) * 2, rng.normal(size=7)
+
+    def entropy(logits):
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        return float(-(p * np.log(p)).sum()), p
+
+    eps = 1e-6
+    fd = (entropy(z + eps * adv)[0] - entropy(z - eps * adv)[0]) / (2 * eps)
+    _, p = entropy(z)
+    logp = np.log(p)
+    d_logp = adv - (p * adv).sum()  # ∂ log π(a) / ∂η under z + η A
+    got = st.covariance_predictor(logp, np.ones(7), d_logp, adv, p[None, :] * 1e6)[0]
+    assert got == pytest.approx(fd, rel=1e-6)
+    assert abs(fd) > 1e-2

@@ -194,7 +194,7 @@ def estimate_delta_h(
         time.perf_counter() - t0,
     )
 
-    # U-batch: rewards, advantages, drop groups whose rewards are all equal (no gradient).
+    # U-batch: rewards and the run's advantages (grpo / dr_grpo drop all-equal groups).
     u_texts = tokenizer.batch_decode(
         [g.token_ids.tolist() for g in u_gens], skip_special_tokens=True
     )
@@ -236,7 +236,12 @@ def estimate_delta_h(
     e_jvp_grad = _timed(
         clock, "jvp", lambda: score_with_tangent(score_e_batch, model, step.gradient_part)
     )
-    arrays = st.TokenArrays.from_lists(e_jvp.entropy, e_jvp.logprob)
+    # Values from the plain forward, the pass every shifted θ ± ηv uses too (the JVP's primal
+    # runs on SDPA's math backend and may differ in the last bits).
+    arrays = st.TokenArrays.from_lists(
+        [e.detach().double().cpu().numpy() for e in e_scores.entropy],
+        [lp.detach().double().cpu().numpy() for lp in e_scores.logprob],
+    )
     width = arrays.mask.shape[1]
     tangents = {"total": st.Tangent.from_lists(e_jvp.d_entropy, e_jvp.d_logprob, width)}
     tangents["gradient_part"] = st.Tangent.from_lists(

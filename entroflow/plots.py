@@ -189,6 +189,15 @@ def training_curves(rows: list[dict], path, title: str = "") -> None:
             ms=4,
             label="realised H̄(θ+Δθ) − H̄(θ)",
         )
+        if all("probe_delta_h_cov" in r for r in rows):
+            axes[2].plot(
+                steps,
+                [r["probe_delta_h_cov"] for r in rows],
+                ":",
+                marker="^",
+                ms=3,
+                label="covariance predictor -κ Cov(log π, A)",
+            )
         axes[2].axhline(0, color="grey", lw=0.5)
         axes[2].legend(fontsize=7)
     else:
@@ -199,76 +208,110 @@ def training_curves(rows: list[dict], path, title: str = "") -> None:
     _save(fig, path)
 
 
+DELTA_H_PREDICTORS = (  # (dataset, label): every predictor with a `_ci`, the ground truth first
+    ("delta_h_true", "ΔH ground truth (control variate)"),
+    ("delta_h_snis", "ΔH plain SNIS (baseline)"),
+    ("delta_h_first_order", "δH₁ first order"),
+    ("delta_h_first_order_gradient_part", "δH₁ gradient part"),
+    ("delta_h_first_order_remainder", "δH₁ momentum + decay"),
+    ("delta_h_cov", "covariance predictor (Cui et al.)"),
+    ("nonlinearity", "nonlinearity ΔH - ηH'(0)"),
+)
+
+
+def _at_lr(t) -> int:
+    return int(np.argmin(np.abs(t.groups[""]["eta"] / t.attrs["lr"] - 1.0)))
+
+
+def _ci_bar(ax, x, e, name, i, **kw):
+    lo, hi = e[name + "_ci"][i]
+    value = e[name][i]
+    ax.errorbar(x, value, yerr=[[value - lo], [hi - value]], capsize=3, **kw)
+
+
 def delta_h_figures(files: list, loglog_path, first_order_path, checkpoints_path) -> None:
     """ΔH files of one run (TokenTable with the estimates at the root, attrs with step and lr)."""
     files = sorted(files, key=lambda t: t.attrs["step"])
     colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(files)))
 
+    # 1. ΔH(η) per unit step (η / lr) with its interval: flat where the change is linear in η,
+    # at the level of δH₁ (its interval shaded) where the first order holds.
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for t, c in zip(files, colours, strict=True):
+    for j, (t, c) in enumerate(zip(files, colours, strict=True)):
         e, lr = t.groups[""], t.attrs["lr"]
-        x, y = e["eta"] / lr, np.abs(e["delta_h_true"])
-        lower = np.minimum(e["stderr"], 0.9 * y)  # a log axis cannot show a bar through zero
+        x = e["eta"] / lr
+        y, ci = e["delta_h_true"] / x, e["delta_h_true_ci"] / x[:, None]
         ax.errorbar(
-            x,
+            x * (1 + 0.04 * (j - 1)),  # side by side
             y,
-            yerr=[lower, e["stderr"]],
+            yerr=[y - ci[:, 0], ci[:, 1] - y],
             fmt="o",
             color=c,
             ms=4,
             capsize=2,
-            label=f"step {t.attrs['step']}: slope {t.attrs['loglog_slope']:.2f}, R² {t.attrs['loglog_r2']:.3f}",
+            label=f"step {t.attrs['step']}: ΔH / (η/lr), 95% CI; line: δH₁ at lr "
+            f"(verdict: {t.attrs['verdict_at_lr']})",
         )
-        ax.plot(x, np.abs(e["delta_h_first_order"]), "--", color=c, lw=1)
+        first, first_ci = e["delta_h_first_order"] / x, e["delta_h_first_order_ci"] / x[:, None]
+        ax.plot(x, first, "--", color=c, lw=1)
+        ax.fill_between(x, first_ci[:, 0], first_ci[:, 1], color=c, alpha=0.08, lw=0)
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ticks = files[0].groups[""]["eta"] / files[0].attrs["lr"]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("η / learning rate (1 = the training step)")
-    ax.set_ylabel("|ΔH| (nats); dashed: first order |δH₁|")
+    ax.set_ylabel("ΔH(η) / (η / lr)  (nats per training step)")
     ax.legend(fontsize=7)
-    ax.set_title("entropy change of one update step", fontsize=10)
+    ax.set_title("entropy change of one update step, per unit step", fontsize=10)
     _save(fig, loglog_path)
 
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for t, c in zip(files, colours, strict=True):
-        e = t.groups[""]
-        ax.errorbar(
-            e["delta_h_true"],
-            e["delta_h_first_order"],
-            xerr=e["stderr"],
-            fmt="o",
-            color=c,
-            ms=4,
-            capsize=2,
-            label=f"step {t.attrs['step']}",
+    # 2. Per checkpoint at η = lr: every predictor with its interval against the ground truth.
+    fig, axes = plt.subplots(1, len(files), figsize=(4.2 * len(files), 4), squeeze=False)
+    for ax, t in zip(axes[0], files, strict=True):
+        e, i = t.groups[""], _at_lr(t)
+        lo, hi = e["delta_h_true_ci"][i]
+        ax.axhspan(lo, hi, color="C0", alpha=0.15, lw=0)
+        ax.axhline(e["delta_h_true"][i], color="C0", lw=1)
+        for k, (name, label) in enumerate(DELTA_H_PREDICTORS[:-1]):
+            if name + "_ci" in e:
+                _ci_bar(ax, k, e, name, i, fmt="o", color=f"C{k}", label=label)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xticks([])
+        lo, hi = e["relative_error_ci"][i]
+        bounds = f"[{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else "(ΔH's interval holds 0)"
+        ax.set_title(
+            f"step {t.attrs['step']}, η = lr: {t.attrs['verdict_at_lr']}\n"
+            f"δH₁ relative error {e['relative_error'][i]:+.2f} {bounds}",
+            fontsize=8,
         )
-    lims = np.array(ax.get_xlim() + ax.get_ylim())
-    lo, hi = lims.min(), lims.max()
-    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
-    ax.set_xlabel("ΔH true (SNIS)")
-    ax.set_ylabel("δH₁ first order")
-    ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("entropy change (nats), 95% intervals")
+    axes[0][0].legend(fontsize=6, loc="best")
     _save(fig, first_order_path)
 
+    # 3. Across checkpoints at η = lr: the predictors and the nonlinearity, with intervals.
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    steps = [t.attrs["step"] for t in files]
-    at_lr = [int(np.argmin(np.abs(t.groups[""]["eta"] / t.attrs["lr"] - 1.0))) for t in files]
-    true = [t.groups[""]["delta_h_true"][i] for t, i in zip(files, at_lr, strict=True)]
-    err = [t.groups[""]["stderr"][i] for t, i in zip(files, at_lr, strict=True)]
-    first = [t.groups[""]["delta_h_first_order"][i] for t, i in zip(files, at_lr, strict=True)]
-    grad_part = [
-        t.groups[""]["delta_h_first_order_gradient_part"][i]
-        for t, i in zip(files, at_lr, strict=True)
-    ]
-    ax.errorbar(steps, true, yerr=err, fmt="o-", capsize=3, label="ΔH true at η = lr")
-    ax.plot(steps, first, "s--", label="δH₁ at η = lr")
-    ax.plot(steps, grad_part, "^:", label="δH₁, gradient part only (no momentum/decay)")
+    steps = np.array([t.attrs["step"] for t in files], dtype=float)
+    width = 0.6 * (np.diff(steps).min() if len(steps) > 1 else 1.0) / len(DELTA_H_PREDICTORS)
+    for k, (name, label) in enumerate(DELTA_H_PREDICTORS):
+        for j, t in enumerate(files):
+            e = t.groups[""]
+            if name + "_ci" in e:
+                _ci_bar(
+                    ax,
+                    steps[j] + (k - len(DELTA_H_PREDICTORS) / 2) * width,
+                    e,
+                    name,
+                    _at_lr(t),
+                    fmt="os^v<>x"[k % 7],
+                    color=f"C{k}",
+                    label=label if j == 0 else None,
+                )
     ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xticks(steps)
     ax.set_xlabel("checkpoint step")
-    ax.set_ylabel("entropy change (nats)")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("entropy change at η = lr (nats), 95% intervals")
+    ax.legend(fontsize=6)
     _save(fig, checkpoints_path)
 
 

@@ -1,12 +1,13 @@
-"""Rule estimate_delta_h: ΔH(η) by SNIS vs δH₁(η) for one checkpoint -> delta_h/checkpoint-{step}.h5."""
+"""Rule estimate_delta_h: ΔH(η) ground truth vs δH₁(η) and the covariance predictor for one checkpoint -> delta_h/checkpoint-{step}.h5."""
 
 import json
+from pathlib import Path
 
 import torch
 
 from entroflow.checkpoints import load_adam_state, load_policy
 from entroflow.datasets import read_problems
-from entroflow.delta_h_run import DeltaHSettings, RunShape, estimate_delta_h
+from entroflow.delta_h_run import MAXENT_STATE_FILE, DeltaHSettings, RunShape, estimate_delta_h
 from entroflow.io import write_token_file
 from entroflow.logs import setup_logging
 from entroflow.models import encode_prompts, load_tokenizer
@@ -24,9 +25,12 @@ prompt_ids = encode_prompts(
     tokenizer, list(problems["prompt"]), snakemake.params.model["system_prompt"]
 )
 settings = DeltaHSettings(**cfg["delta_h"])
-table, summary = estimate_delta_h(
-    model, tokenizer, problems, prompt_ids, adam_state, RunShape(**cfg["run"]), settings
+maxent_state = Path(checkpoint) / MAXENT_STATE_FILE  # maxent_grpo: τ, β at the checkpoint
+run = RunShape(
+    **cfg["run"],
+    maxent_state=json.loads(maxent_state.read_text()) if maxent_state.exists() else {},
 )
+table, summary = estimate_delta_h(model, tokenizer, problems, prompt_ids, adam_state, run, settings)
 table.attrs = {
     "checkpoint": str(checkpoint),
     "step": int(snakemake.wildcards.step),

@@ -8,7 +8,8 @@ rollout method to keep the step's rollouts (prompt/completion ids, rewards, adva
   that pass keeps autograd and gives g = ∇_θ H̄, H̄ = mean over rollout tokens of H_t;
 - after the optimizer step: Δθ = θ1 - θ0 (the real update, momentum and weight decay included),
   the predicted change δH = ⟨g, Δθ⟩ and the realised change H̄(θ1) - H̄(θ0) on the same tokens;
-- at step end: the trace file and manifest line, and probe metrics in the trainer's logs.
+- at step end: the trace file and manifest line, and probe metrics in the trainer's logs,
+  with the covariance predictor of Cui et al. (2025) beside δH (`probe/delta_h_cov`).
 
 H̄ is the mean entropy along the fixed rollout prefixes, so predicted and realised values
 measure the same quantity; how the *policy's* entropy changes (including which sequences get
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from entroflow.delta_h_stats import covariance_predictor
 from entroflow.io import TokenTable, flatten, str_array, vocab_group
 from entroflow.scoring import batch_scores, token_budget_batches
 from entroflow.training.traces import TraceWriter
@@ -215,11 +217,12 @@ class EntropyMonitor(TrainerCallback):
             )
         was_training = model.training
         model.eval()
-        _, _, h1, _ = self._score(model, with_grad=False)
+        _, logprob1, h1, _ = self._score(model, with_grad=False)
         model.train(was_training)
         self.metrics.update(
             {
                 "probe/delta_h_predicted": predicted,
+                "probe/delta_h_cov": self._covariance_prediction(logprob1),
                 "probe/delta_h_realised": h1 - self._h0,
                 "probe/mean_entropy_before": self._h0,
                 "probe/update_norm": step_norm,
@@ -227,6 +230,24 @@ class EntropyMonitor(TrainerCallback):
         )
         self._theta0 = self._grad = None
         self._probe_seconds += time.perf_counter() - t0
+
+    def _covariance_prediction(self, logprob_after) -> float:
+        """Cui et al.'s -κ Cov(log π, A) for the mean token entropy, κ from the realised change
+        of the rollout tokens' log-probs over this step (delta_h_stats.covariance_predictor)."""
+        r = self.rollout
+        keep = [i for i, c in enumerate(r.completion_ids) if c]
+        if not keep:
+            return float("nan")
+        before = [self.logprob[i].astype(np.float64) for i in keep]
+        after = [logprob_after[i].astype(np.float64) for i in keep]
+        value = covariance_predictor(
+            [b.sum() for b in before],
+            [len(b) for b in before],
+            [(a - b).sum() for a, b in zip(after, before, strict=True)],
+            np.asarray(r.advantages, dtype=np.float64)[keep],
+            np.ones((1, len(keep))),
+        )
+        return float(value[0])
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.rollout is None or self.entropy is None:

@@ -22,6 +22,7 @@ LOGGED = (
     "entropy",
     "probe/delta_h_predicted",
     "probe/delta_h_realised",
+    "probe/delta_h_cov",
     "probe/seconds",
     "step_time",
 )

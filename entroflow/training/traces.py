@@ -92,6 +92,7 @@ class TraceWriter:
                 "reward_mean",
                 "probe_delta_h_predicted",
                 "probe_delta_h_realised",
+                "probe_delta_h_cov",
             ):
                 values = [r.get(key) for r in rows]
                 if all(v is not None for v in values):

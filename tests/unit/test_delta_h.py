@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from entroflow import delta_h_stats as st
 from entroflow.adam import dot, replay_adamw
 from entroflow.delta_h import (
     entropy_value,
@@ -17,6 +18,7 @@ from entroflow.delta_h import (
     shifted,
     snis_delta,
 )
+from entroflow.tangents import score_with_tangent
 from tests.conftest import float64_norms
 
 VOCAB, EOS, PAD, MAX_LEN = 5, 4, 0, 3
@@ -199,3 +201,270 @@ def test_loglog_fit():
     assert slope == pytest.approx(1.0) and r2 == pytest.approx(1.0)
     slope, _ = fit_loglog(eta, -(eta**2))
     assert slope == pytest.approx(2.0)
+
+
+# --- The ground truth and its intervals, against exact enumeration -----------------------------
+# A larger oracle than above (vocabulary 6, up to 4 tokens: all 781 responses), sampled at the
+# demo's E-batch size; every estimator works on resample counts over the 781 distinct responses,
+# so one replication is one multinomial draw and its bootstrap a matrix of counts.
+
+CAL_VOCAB, CAL_EOS, CAL_MAX_LEN, CAL_N = 6, 5, 4, 256
+
+
+def cal_sequences():
+    out = []
+    for n in range(1, CAL_MAX_LEN + 1):
+        for seq in itertools.product(range(CAL_VOCAB), repeat=n):
+            if CAL_EOS in seq[:-1] or (n < CAL_MAX_LEN and seq[-1] != CAL_EOS):
+                continue
+            out.append(list(seq))
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibration_oracle():
+    """Per-token arrays and tangents at θ, and exact ΔH(η), H'(0) along one direction."""
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=CAL_VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )
+    model = float64_norms(Qwen3ForCausalLM(config).double().eval())
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    seqs = cal_sequences()
+    assert len(seqs) == 781
+
+    def score():
+        return score_sequences(model, [PROMPT] * len(seqs), seqs, pad_token_id=PAD, temperature=1.0)
+
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(3)
+    v = {
+        n: torch.randn(params[n].shape, generator=g, dtype=torch.float64)
+        for n in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight")
+    }
+    jvp = score_with_tangent(score, model, v)
+    arrays = st.TokenArrays.from_lists(jvp.entropy, jvp.logprob)
+    tangent = st.Tangent.from_lists(jvp.d_entropy, jvp.d_logprob, arrays.mask.shape[1])
+    h, s = arrays.values("rb"), arrays.logprob.sum(1)
+    p = np.exp(s)
+    assert p.sum() == pytest.approx(1.0, abs=1e-12)
+    eps, eta = 1e-5, 0.03
+    exact = {}
+    with torch.no_grad():
+        for shift in (eps, -eps, eta):
+            with shifted(model, v, shift):
+                h_new, s_new, _ = functional_values(score(), "rb")
+            exact[shift] = (h_new, s_new, float((np.exp(s_new) * h_new).sum() - (p * h).sum()))
+    slope = (exact[eps][2] - exact[-eps][2]) / (2 * eps)
+    return {
+        "arrays": arrays,
+        "tangent": tangent,
+        "p": p / p.sum(),
+        "eta": eta,
+        "h_new": exact[eta][0],
+        "log_ratio": exact[eta][1] - s,
+        "delta_h": exact[eta][2],
+        "slope": slope,
+    }
+
+
+def test_jvp_slope_with_exact_weights_equals_exact_derivative(calibration_oracle):
+    o = calibration_oracle
+    weights = o["p"][None, :] * 1e12  # counts ∝ π_θ: the leave-one-out correction vanishes
+    slope = st.first_order_slope(o["arrays"], o["tangent"], weights, "rb", False)[0]
+    assert slope == pytest.approx(o["slope"], rel=1e-6)
+    d = o["arrays"].denominators(False)
+    linear = st.snis_slope(
+        o["arrays"].values("rb"), o["tangent"].values("rb"), o["tangent"].score, d, weights
+    )[0]
+    assert linear == pytest.approx(o["slope"], rel=1e-6)  # SNIS's linearisation: same derivative
+    truth = st.snis(o["arrays"].values("rb"), o["h_new"], o["log_ratio"], d, weights)[0]
+    assert truth == pytest.approx(o["delta_h"], rel=1e-9)
+    assert abs(o["delta_h"] - o["eta"] * o["slope"]) > 0.3 * abs(o["delta_h"])  # nonlinear here
+
+
+def test_intervals_are_calibrated_against_exact_enumeration(calibration_oracle):
+    """200 seeded E-batches of the demo's size: every 95% interval covers its exact value in
+    0.90-0.98 of them, and every estimator's bias is below a quarter of its standard error; so
+    does the interval of δH₁'s relative error, where it exists (ΔH's interval excludes zero)."""
+    o = calibration_oracle
+    arrays, tangent, eta = o["arrays"], o["tangent"], o["eta"]
+    a, d = arrays.values("rb"), arrays.denominators(False)
+    targets = {
+        "ground truth": o["delta_h"],
+        "snis": o["delta_h"],
+        "first order": eta * o["slope"],
+        "nonlinearity": o["delta_h"] - eta * o["slope"],
+    }
+    rng = np.random.default_rng(0)
+    found = {k: [] for k in targets}
+    relative = []  # δH₁'s relative error -nonlinearity / ΔH: (covered, ΔH's interval excludes 0)
+    relative_target = -targets["nonlinearity"] / targets["ground truth"]
+    for _ in range(200):
+        sample = rng.multinomial(CAL_N, o["p"]).astype(np.float64)
+        counts = np.vstack([sample, rng.multinomial(CAL_N, sample / CAL_N, size=200)])
+        snis = st.snis(a, o["h_new"], o["log_ratio"], d, counts)
+        nonlinear = snis - eta * st.snis_slope(a, tangent.values("rb"), tangent.score, d, counts)
+        first = eta * st.first_order_slope(arrays, tangent, counts, "rb", False)
+        for key, reps in (
+            ("ground truth", first + nonlinear),
+            ("snis", snis),
+            ("first order", first),
+            ("nonlinearity", nonlinear),
+        ):
+            found[key].append(st.interval(reps))
+        _, _, lo, hi = found["ground truth"][-1]
+        if lo * hi > 0:  # the verdict's interval exists only where ΔH's sign is known
+            q = np.quantile(-nonlinear[1:] / (first + nonlinear)[1:], [0.025, 0.975])
+            relative.append(q[0] <= relative_target <= q[1])
+    for key, target in targets.items():
+        est, se, lo, hi = np.array(found[key]).T
+        coverage = np.mean((lo <= target) & (target <= hi))
+        assert 0.90 <= coverage <= 0.98, (key, coverage)
+        assert abs(est.mean() - target) < 0.25 * est.std(), (key, est.mean(), target)
+        assert se.mean() == pytest.approx(est.std(), rel=0.2), key  # the s.e. is the real spread
+    # Conditional on ΔH's interval excluding zero (92 of 200 here): binomial sd ~0.023 at 0.95,
+    # so a wider upper bound (measured 0.978 here, 0.95 over 140 of 300 with another seed).
+    assert len(relative) > 50 and 0.90 <= np.mean(relative) <= 0.99, (len(relative), relative)
+
+
+def test_verdict():
+    assert st.verdict(-0.1, 0.15) == "confirmed"
+    assert st.verdict(0.3, 0.9) == "rejected"
+    assert st.verdict(-0.9, -0.25) == "rejected"
+    assert st.verdict(-0.1, 0.5) == "undecided"
+    assert st.verdict(np.nan, np.nan) == "undecided"
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    """A float64 tiny Qwen3 with non-trivial LoRA adapters, and a copy of its base (the reference)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    base = float64_norms(Qwen3ForCausalLM(config).double().eval())
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return model.double().eval(), reference
+
+
+def lora_batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, 40, 3).tolist() for _ in range(n)]
+    responses = [rng.integers(1, 40, rng.integers(1, 6)).tolist() for _ in range(n)]
+    return prompts, responses
+
+
+def test_jvp_tangents_on_lora_adapters_equal_finite_differences(lora_model):
+    model, _ = lora_model
+    prompts, responses = lora_batch(6)
+    g = torch.Generator().manual_seed(0)
+    v = {
+        n: torch.randn(p.shape, generator=g, dtype=torch.float64)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+    def score():
+        return score_sequences(model, prompts, responses, pad_token_id=PAD, temperature=1.0)
+
+    jvp = score_with_tangent(score, model, v)
+    eps = 1e-6
+    with torch.no_grad():
+        with shifted(model, v, eps):
+            plus = score()
+        with shifted(model, v, -eps):
+            minus = score()
+    for i in range(len(responses)):
+        for got, p, m in (
+            (jvp.d_entropy[i], plus.entropy[i], minus.entropy[i]),
+            (jvp.d_logprob[i], plus.logprob[i], minus.logprob[i]),
+        ):
+            np.testing.assert_allclose(got, ((p - m) / (2 * eps)).numpy(), rtol=1e-5, atol=1e-7)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n in v)  # put back
+
+
+def test_maxent_grpo_advantages_are_listwise(lora_model):
+    from entroflow.delta_h_run import RunShape, u_batch_advantages
+    from entroflow.training.maxent import maxent_advantages, maxent_weights
+
+    model, reference = lora_model
+    prompts, responses = lora_batch(8, seed=1)
+    rewards = np.array([1.0, 0.0, 0.5, 1.0, 0.5, 0.5, 0.5, 0.5])  # the second group: all equal
+    run = RunShape(
+        "maxent_grpo",
+        4,
+        8,
+        1.0,
+        0.0,
+        maxent={"reward_temperature": 0.5, "floor": 1e-3},
+        maxent_state={"tau": 0.7, "beta": 0.2},
+    )
+    advantages, kept = u_batch_advantages(
+        model, prompts, responses, rewards, run, PAD, torch.float64
+    )
+    with torch.no_grad():
+        ref = scores_of(reference, prompts, responses)
+    w = maxent_weights(rewards.reshape(2, 4), ref.reshape(2, 4), 0.7, 0.2, 0.5, 1e-3)
+    np.testing.assert_allclose(advantages, maxent_advantages(w), rtol=1e-10)
+    assert kept.all() and np.abs(advantages[4:]).max() > 1e-3  # equal rewards still move
+    np.testing.assert_allclose(advantages.reshape(2, 4).sum(1), 0, atol=1e-12)
+
+
+def scores_of(model, prompts, responses):
+    sc = score_sequences(model, prompts, responses, pad_token_id=PAD, temperature=1.0)
+    return np.array([float(lp.sum()) for lp in sc.logprob])
+
+
+def test_maxent_state_file_is_the_trainers():
+    from entroflow.delta_h_run import MAXENT_STATE_FILE
+    from entroflow.training.trainer import MAXENT_STATE_FILE as written
+
+    assert written == MAXENT_STATE_FILE
+
+
+def test_covariance_predictor_is_exact_for_tabular_natural_pg():
+    """One softmax state, logits z, natural PG z' = z + η A: dH/dη at 0 = -Cov_π(log π, A)
+    (Cui et al. 2025). As 'tokens' weighted by π with their log-prob change per unit step,
+    the predictor reproduces the finite-difference derivative of the exact entropy."""
+    rng = np.random.default_rng(0)
+    z, adv = rng.normal(size=7) * 2, rng.normal(size=7)
+
+    def entropy(logits):
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        return float(-(p * np.log(p)).sum()), p
+
+    eps = 1e-6
+    fd = (entropy(z + eps * adv)[0] - entropy(z - eps * adv)[0]) / (2 * eps)
+    _, p = entropy(z)
+    logp = np.log(p)
+    d_logp = adv - (p * adv).sum()  # ∂ log π(a) / ∂η under z + η A
+    got = st.covariance_predictor(logp, np.ones(7), d_logp, adv, p[None, :] * 1e6)[0]
+    assert got == pytest.approx(fd, rel=1e-6)
+    assert abs(fd) > 1e-2

@@ -120,6 +120,7 @@ def test_probe_is_first_order_exact_for_small_steps(model_dir, problems, tiny_to
         pred, real = row["probe_delta_h_predicted"], row["probe_delta_h_realised"]
         assert abs(pred) > 0
         assert real == pytest.approx(pred, rel=0.05, abs=1e-9)
+        assert np.isfinite(row["probe_delta_h_cov"])  # Cui et al.'s predictor, logged beside it
 
 
 def test_resume_after_kill_matches_uninterrupted(model_dir, problems, tmp_path):

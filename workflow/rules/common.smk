@@ -282,6 +282,8 @@ def get_delta_h_settings(wildcards):
             "format_reward",
         )
     }
+    if entry["algorithm"] == "maxent_grpo":
+        shape["maxent"] = entry["maxent"]
     settings = {
         k: v for k, v in entry["delta_h"].items() if k not in ("enabled", "dataset")
     }

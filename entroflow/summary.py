@@ -9,7 +9,8 @@ numbers for tests. Nothing is recomputed here: every figure is read from an exis
     training_report.json  the demo model's greedy accuracy on held-out problems (demo models only)
     trace/manifest.jsonl  a training run's reward per step: mean of the first and last k steps
     eval/table.csv        Pass@k per checkpoint
-    delta_h/*.h5          per checkpoint, at η = lr: ΔH_true ± stderr and δH₁ (datasets read by
+    delta_h/*.h5          per checkpoint, at η = lr: ΔH, δH₁, covariance predictor, nonlinearity
+                          with 95% intervals, and the verdict (datasets read by
                           name; other datasets and attributes in the file are ignored)
     fisher/*/kernel.h5    per checkpoint: the kernel's reconstruction-identity relative error
 
@@ -101,19 +102,22 @@ def _at_lr(f: h5py.File) -> int:
     return int(np.argmin(np.abs(np.log(eta / float(f.attrs["lr"])))))
 
 
+INTERVALS = ("delta_h_true", "delta_h_first_order", "delta_h_cov", "nonlinearity")
+
+
 def delta_h_summary(path: str | Path) -> dict:
-    """ΔH_true ± stderr and δH₁ at η = lr of one checkpoint's ΔH file, plus its log-log fit."""
+    """At η = lr of one checkpoint's ΔH file: the ground truth, δH₁, the covariance predictor and
+    the nonlinearity, each with its 95% interval (where the file has them), and the verdict."""
     with h5py.File(path, "r") as f:
         i = _at_lr(f)
-        out = {
-            "eta": float(f["eta"][i]),
-            "delta_h_true": float(f["delta_h_true"][i]),
-            "stderr": float(f["stderr"][i]),
-            "delta_h_first_order": float(f["delta_h_first_order"][i]),
-        }
-        for name in ("loglog_slope", "loglog_r2"):
-            if name in f.attrs:
-                out[name] = float(f.attrs[name])
+        out = {"eta": float(f["eta"][i]), "stderr": float(f["stderr"][i])}
+        for name in INTERVALS:
+            if name in f:
+                out[name] = float(f[name][i])
+            if name + "_ci" in f:
+                out[name + "_ci"] = [float(x) for x in f[name + "_ci"][i]]
+        if "verdict_at_lr" in f.attrs:
+            out["verdict"] = str(f.attrs["verdict_at_lr"])
     return out
 
 
@@ -228,28 +232,29 @@ def markdown(summary: dict) -> str:
         if run["checkpoints"]:
             lines += [
                 "",
-                "| checkpoint | η = lr | ΔH_true ± stderr | δH₁ | log-log slope (R²) |"
-                " Fisher identity error |",
-                "|---|---|---|---|---|---|",
+                "At η = lr, 95% intervals, nats per sequence:",
+                "",
+                "| checkpoint | η = lr | ΔH ground truth | δH₁ | covariance predictor |"
+                " nonlinearity | verdict | Fisher identity error |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for c in run["checkpoints"]:
-                dh = (
-                    f"{_g(c['delta_h_true'])} ± {_g(c['stderr'], 2)}"
-                    if "delta_h_true" in c
-                    else "-"
-                )
-                fit = (
-                    f"{c['loglog_slope']:.2f} ({c['loglog_r2']:.3f})"
-                    if "loglog_slope" in c and "loglog_r2" in c
-                    else "-"
-                )
-                lines.append(
-                    f"| {c['step']} | {_g(c['eta']) if 'eta' in c else '-'} | {dh} |"
-                    f" {_g(c['delta_h_first_order']) if 'delta_h_first_order' in c else '-'} |"
-                    f" {fit} |"
-                    f" {_g(c['identity_relative_error'], 2) if 'identity_relative_error' in c else '-'} |"
-                )
+                cells = [str(c["step"]), _g(c["eta"]) if "eta" in c else "-"]
+                cells += [_with_interval(c, name) for name in INTERVALS]
+                cells.append(c.get("verdict", "-"))
+                error = c.get("identity_relative_error")
+                cells.append(_g(error, 2) if error is not None else "-")
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _with_interval(entry: dict, name: str) -> str:
+    if name not in entry:
+        return "-"
+    if name + "_ci" not in entry:
+        return _g(entry[name])
+    low, high = entry[name + "_ci"]
+    return f"{_g(entry[name])} [{_g(low)}, {_g(high)}]"
 
 
 def write(summary: dict, json_path: str | Path, md_path: str | Path) -> None:

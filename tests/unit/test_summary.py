@@ -42,11 +42,12 @@ def delta_h_file(path, lr, extra=True):
         f["stderr"] = np.array([0.1, 0.2, 0.3, 0.4])
         f["delta_h_first_order"] = np.array([1.1, 2.1, 3.1, 4.1])
         f.attrs["lr"] = lr
-        f.attrs["loglog_slope"] = 0.98
-        f.attrs["loglog_r2"] = 0.999
-        if extra:  # fields added later (confidence intervals, ...) are ignored
-            f["delta_h_true_ci_low"] = np.zeros(4)
-            f.attrs["ci_level"] = 0.95
+        if extra:  # intervals and the verdict; other fields are ignored
+            f["delta_h_true_ci"] = np.array([[0.8, 1.2], [1.6, 2.4], [2.4, 3.6], [3.2, 4.8]])
+            f["nonlinearity"] = np.array([0.0, 0.01, 0.02, 0.04])
+            f["nonlinearity_ci"] = np.array([[-0.1, 0.1]] * 4)
+            f.attrs["verdict_at_lr"] = "confirmed"
+            f.attrs["loglog_slope"] = 0.98
             f.create_group("e_batch")["tokens"] = np.arange(3)
 
 
@@ -104,14 +105,19 @@ def test_summary_reads_each_figure_from_its_file(tmp_path):
         pytest.approx(3.1),
     )
     assert c10["identity_relative_error"] == 2.5e-9 and "identity_relative_error" not in c20
-    assert c20["loglog_slope"] == 0.98
+    assert c10["delta_h_true_ci"] == [2.4, 3.6] and c10["verdict"] == "confirmed"
+    assert "verdict" not in c20 and "loglog_slope" not in c10
 
     write(summary, tmp_path / "s.json", tmp_path / "s.md")
     assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(summary))
     page = (tmp_path / "s.md").read_text()
-    for text in ("0.975", "54,321", "0.5%", "0.443", "0.312", "0.450 → 0.750", "3.00 ± 0.30"):
+    for text in ("0.975", "54,321", "0.5%", "0.443", "0.312", "0.450 → 0.750"):
         assert text in page, text
-    assert "| 10 | 0.00100 | 3.00 ± 0.30 | 3.10 | 0.98 (0.999) | 2.5e-09 |" in page
+    assert (
+        "| 10 | 0.00100 | 3.00 [2.40, 3.60] | 3.10 | - | 0.0200 [-0.100, 0.100] | confirmed"
+        " | 2.5e-09 |" in page
+    )
+    assert "| 20 | 0.00100 | 3.00 | 3.10 | - | - | - | - |" in page
 
 
 def test_summary_without_model_report_or_runs():

@@ -77,6 +77,8 @@ def test_demo_summary_is_the_runs_numbers(demo):
         i = int(np.argmin(np.abs(est.groups[""]["eta"] - est.attrs["lr"])))
         assert c["delta_h_true"] == est.groups[""]["delta_h_true"][i]
         assert c["delta_h_first_order"] == est.groups[""]["delta_h_first_order"][i]
+        assert c["delta_h_true_ci"] == est.groups[""]["delta_h_true_ci"][i].tolist()
+        assert c["verdict"] == est.attrs["verdict_at_lr"]
         assert c["identity_relative_error"] < 1e-4
     page = (demo / "results/demo/summary.md").read_text()
     assert f"{stats['n_tokens']:,} tokens" in page

@@ -66,7 +66,7 @@ def test_training_checkpoints_traces_and_eval(smollm2):
     assert table[0].startswith("step,pass@1,avg@1,pass@2,avg@2") and len(table) == 3
 
 
-def test_delta_h_first_order_agrees_at_small_eta(smollm2):
+def test_delta_h_first_order_agrees_at_small_eta_with_intervals(smollm2):
     for step in (2, 4):
         est = read_token_file(
             smollm2 / f"results/runs/smollm2/delta_h/checkpoint-{step}.h5", groups=[""]
@@ -75,7 +75,16 @@ def test_delta_h_first_order_agrees_at_small_eta(smollm2):
         smallest = int(np.argmin(e["eta"]))
         gap = abs(e["delta_h_first_order"][smallest] - e["delta_h_true"][smallest])
         assert gap <= 3 * e["stderr"][smallest] + 1e-6, (step, gap, e["stderr"][smallest])
-        assert np.isfinite(attrs["loglog_slope"])
+        # The file contract: a 95% interval on every predictor, holding its estimate.
+        for name in ("delta_h_true", "delta_h_first_order", "delta_h_cov", "nonlinearity"):
+            ci = e[name + "_ci"]
+            assert ci.shape == (len(e["eta"]), 2), name
+            assert np.all((ci[:, 0] <= e[name]) & (e[name] <= ci[:, 1])), name
+        np.testing.assert_allclose(
+            e["delta_h_true"], e["delta_h_first_order"] + e["nonlinearity"], rtol=1e-9, atol=1e-12
+        )
+        assert attrs["verdict_at_lr"] in ("confirmed", "rejected", "undecided")
+        assert attrs["ground_truth_method"] and attrs["forward_equivalents"] > 0
 
 
 def test_fisher_kernel_identity(smollm2):

@@ -25,11 +25,10 @@ VOCAB, EOS, PAD, MAX_LEN = 5, 4, 0, 3
 PROMPT = [1, 2]
 
 
-@pytest.fixture(scope="module")
-def oracle_model():
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=VOCAB,
+def oracle_config(vocab: int) -> Qwen3Config:
+    """One layer, hidden 16: small enough for float64 oracles that sum over every response."""
+    return Qwen3Config(
+        vocab_size=vocab,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
@@ -39,6 +38,12 @@ def oracle_model():
         max_position_embeddings=16,
         tie_word_embeddings=False,
     )
+
+
+@pytest.fixture(scope="module")
+def oracle_model():
+    torch.manual_seed(0)
+    config = oracle_config(VOCAB)
     model = Qwen3ForCausalLM(config).double().eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # far from uniform
@@ -225,17 +230,7 @@ def cal_sequences():
 def calibration_oracle():
     """Per-token arrays and tangents at θ, and exact ΔH(η), H'(0) along one direction."""
     torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=CAL_VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=16,
-        tie_word_embeddings=False,
-    )
+    config = oracle_config(CAL_VOCAB)
     model = float64_norms(Qwen3ForCausalLM(config).double().eval())
     with torch.no_grad():
         model.lm_head.weight.mul_(4.0)

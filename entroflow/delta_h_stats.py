@@ -189,7 +189,11 @@ def covariance_predictor(
     mean_lp, mean_a = counts @ lp / n, counts @ (n_tok * adv) / n
     cov = counts @ (adv * lp) / n - mean_lp * mean_a
     centred = adv[None, :] - mean_a[:, None]
-    kappa = (counts * centred * dlp).sum(1) / (counts * n_tok * centred**2).sum(1)
+    spread = (counts * n_tok * centred**2).sum(1)
+    # Equal advantages (no learning signal): Cov = 0 and the predicted change is 0, not 0/0.
+    kappa = np.divide(
+        (counts * centred * dlp).sum(1), spread, out=np.zeros_like(spread), where=spread > 0
+    )
     return -kappa * cov
 
 

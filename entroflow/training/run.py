@@ -38,7 +38,7 @@ class StepLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "reward" not in logs:
             return
-        parts = [f"{k.split('/')[-1]}={logs[k]:.4g}" for k in LOGGED if k in logs]
+        parts = [f"{k.split('/')[-1]}={logs[k]:.4g}" for k in LOGGED if logs.get(k) is not None]
         elapsed = time.perf_counter() - self.t0
         log.info(
             "step %d/%d  %s  (%.0f s elapsed)",

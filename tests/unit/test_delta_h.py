@@ -463,3 +463,13 @@ def test_covariance_predictor_is_exact_for_tabular_natural_pg():
     got = st.covariance_predictor(logp, np.ones(7), d_logp, adv, p[None, :] * 1e6)[0]
     assert got == pytest.approx(fd, rel=1e-6)
     assert abs(fd) > 1e-2
+
+
+def test_covariance_predictor_without_a_learning_signal_is_zero():
+    """A step whose advantages are all equal (every group filtered, or one reward) predicts no
+    change; it used to return 0/0 = NaN, which broke the training log."""
+    counts = np.ones((1, 3))
+    value = st.covariance_predictor(
+        [-3.0, -5.0, -4.0], [3, 5, 4], [0.1, -0.2, 0.0], [0.0] * 3, counts
+    )
+    assert value.tolist() == [0.0]

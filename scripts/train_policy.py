@@ -22,6 +22,7 @@ summary = train_policy(
     snakemake.params.output_dir,
     dtype=snakemake.params.model["dtype"],
     system_prompt=snakemake.params.model["system_prompt"],
+    code=snakemake.params.library,  # a code change retrains rather than resumes stale checkpoints
 )
 if "reward_mean" in summary:
     log.info("reward %.3f -> %.3f", summary["reward_mean"]["first"], summary["reward_mean"]["last"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -12,6 +13,7 @@ import pandas as pd
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from entroflow.journal import fingerprint, folder_fingerprint
 from entroflow.models import load_model, load_tokenizer
 from entroflow.training.monitor import EntropyMonitor
 from entroflow.training.trainer import RunSettings, build_trainer, last_checkpoint, run_metadata
@@ -61,6 +63,34 @@ def prompts_dataset(problems: pd.DataFrame, system_prompt: str | None = None):
     )
 
 
+RESUME_KEY = "resume-key.json"  # what the checkpoints in a run folder were made from
+
+
+def run_key(settings, model_dir, problems, system_prompt, dtype, code) -> str:
+    model = folder_fingerprint(model_dir) if Path(model_dir).is_dir() else str(model_dir)
+    columns = {c: problems[c].astype(str).tolist() for c in sorted(problems.columns)}
+    return fingerprint(dataclasses.asdict(settings), model, columns, system_prompt, dtype, code)
+
+
+def resumable_checkpoint(output: Path, key: str) -> Path | None:
+    """The last complete checkpoint, if the run folder's checkpoints were made under `key`."""
+    checkpoint = last_checkpoint(output)
+    if checkpoint is None:
+        return None
+    try:
+        saved = json.loads((output / RESUME_KEY).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if saved != key:
+        log.warning(
+            "%s holds checkpoints made from other settings, model, data or code: training from "
+            "scratch",
+            output,
+        )
+        return None
+    return checkpoint
+
+
 def train_policy(
     settings: RunSettings,
     model_dir: str,
@@ -70,13 +100,23 @@ def train_policy(
     system_prompt: str | None = None,
     resume: bool = True,
     reward_funcs: list | None = None,
+    code: str = "",
 ) -> dict:
-    """Train, writing checkpoints to output_dir/checkpoint-{step} and the trace to output_dir/trace."""
+    """Train, writing checkpoints to output_dir/checkpoint-{step} and the trace to output_dir/trace.
+
+    Resumes from the last complete checkpoint only when it was made from the same settings,
+    model, problems and `code` (the rule's code fingerprint); otherwise trains from scratch.
+    """
     output = Path(output_dir)
     trace_dir = output / "trace"
-    checkpoint = last_checkpoint(output) if resume else None
-    if checkpoint is None and trace_dir.exists():
-        shutil.rmtree(trace_dir)  # a fresh start: an old trace would mix two runs
+    key = run_key(settings, model_dir, problems, system_prompt, dtype, code)
+    checkpoint = resumable_checkpoint(output, key) if resume else None
+    if checkpoint is None:  # a fresh start: old checkpoints or trace would mix two runs
+        for old in output.glob("checkpoint-*"):
+            shutil.rmtree(old)
+        shutil.rmtree(trace_dir, ignore_errors=True)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / RESUME_KEY).write_text(json.dumps({"key": key}) + "\n")
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=dtype)
     dataset = prompts_dataset(problems, system_prompt)

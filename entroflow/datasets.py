@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from entroflow import arithmetic
-from entroflow.errors import EntroflowError
+from entroflow.errors import EntroflowError, first_line
 from entroflow.io import atomic_temp
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -170,9 +170,8 @@ def _load_records(name: str, entry: dict):
     except (ValueError, StopIteration) as err:  # e.g. a file with only blank lines
         raise DatasetError(f"dataset '{name}' is empty or unreadable ({path}): {err!r}") from None
     except Exception as err:  # anything else the reader trips on, named in one line
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise DatasetError(
-            f"dataset '{name}': cannot read {path} as {fmt}: {type(err).__name__} {first}"
+            f"dataset '{name}': cannot read {path} as {fmt}: {type(err).__name__} {first_line(err)}"
         ) from None
 
 

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from entroflow.errors import EntroflowError
+from entroflow.errors import EntroflowError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -43,11 +43,6 @@ def looks_like_hub_id(path: str) -> bool:
         and path.count("/") == 1
         and all(part.strip() for part in path.split("/"))
     )
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def check_model_path(name: str, path: str) -> None:
@@ -141,7 +136,7 @@ def load_tokenizer(path: str, revision: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise ModelError(f"model {path}: cannot load its tokenizer: {_first_line(err)}") from None
+        raise ModelError(f"model {path}: cannot load its tokenizer: {first_line(err)}") from None
     if len(tokenizer) == 0:
         raise ModelError(f"model {path}: its tokenizer is empty")
     check_vocab_fits(Path(path), len(tokenizer), config.get("vocab_size"))
@@ -171,11 +166,11 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch_dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # and safetensors' errors:
-        raise ModelError(f"model {path}: cannot load: {_first_line(err)}") from None
+        raise ModelError(f"model {path}: cannot load: {first_line(err)}") from None
     except Exception as err:
         if type(err).__module__.split(".")[0] != "safetensors":
             raise
-        raise ModelError(f"model {path}: damaged weights: {_first_line(err)}") from None
+        raise ModelError(f"model {path}: damaged weights: {first_line(err)}") from None
     model.to(dev).eval()
     log.info(
         "loaded %s (%s, %.1fM parameters) on %s",

@@ -1,18 +1,24 @@
 """The per-checkpoint ΔH stage: batches, the replayed update direction, the η sweep, the file.
 
 For a checkpoint θ with AdamW state:
-  E-batch: B_E prompts, one response each, sampled from π_θ (unfiltered: the data distribution)
   U-batch: B_U prompts x G responses with rewards and group advantages; all-equal groups dropped
   v = Δθ / lr from replaying one AdamW step on the U-batch's RL gradient (adam.replay_adamw)
-  δH₁(η) = η ⟨∇H, v⟩ with per-sequence terms from one forward-mode JVP along v (and one along
-  the gradient part: the momentum + weight-decay remainder is the difference)
-  ΔH_true(η) = δH₁(η) + (SNIS(η) - its linearisation on the same samples) at θ ± ηv
-  (delta_h_stats), plain SNIS kept as the baseline; intervals by bootstrap over E sequences
+  E-batch: B_E prompts (unfiltered: the data distribution), one response each from π_θ (the first
+  draws); then, while ΔH(lr)'s 95% interval is wider than ±target_half_width·|ΔH|, the responses
+  per prompt double, up to e_samples_max
+  δH₁(η) = η ⟨∇H, v⟩ from per-sequence terms of one forward-mode JVP along v over every response
+  (and one along the gradient part: the momentum + weight-decay remainder is the difference)
+  ΔH_true(η) = δH₁(η) + R(η), R = SNIS(η) minus its own linearisation on the first draws at
+  θ ± ηv (delta_h_stats); plain SNIS kept as the baseline; intervals by bootstrap over prompts;
+  δH₁'s relative error -R/ΔH with Fieller's interval and a verdict
 η is given relative to the checkpoint's learning rate: η = lr is the step training would take.
+The growth looks at the estimate it is growing (at most log2(e_samples_max) + 1 looks), which
+can bias coverage slightly; the calibration tests use a fixed batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,14 +40,15 @@ from entroflow.engines import SamplingParams
 from entroflow.engines.hf import HFEngine
 from entroflow.io import TokenTable, flatten
 from entroflow.pipeline import generation_table
-from entroflow.tangents import score_with_tangent
+from entroflow.tangents import ScoresWithTangent, score_with_tangent
 from entroflow.training.rewards import correctness_rewards, format_rewards, group_advantages
 
 log = logging.getLogger(__name__)
 MAXENT_STATE_FILE = "maxent_state.json"  # τ, β in a maxent_grpo checkpoint (training.trainer)
 GROUND_TRUTH_METHOD = (
-    "control variate: causal first order η⟨∇H, v⟩ (forward-mode JVP) + SNIS's remainder beyond "
-    "its own linearisation on the same E-batch; 95% interval: normal, bootstrap over E sequences"
+    "control variate: causal first order η⟨∇H, v⟩ (forward-mode JVP, every E response) + SNIS's "
+    "remainder beyond its own linearisation (first draws); 95% interval: normal, bootstrap over "
+    "E prompts; E responses per prompt doubled until the target width or the cap"
 )
 ACCUM = {"float32": torch.float32, "float64": torch.float64}
 
@@ -49,6 +56,8 @@ ACCUM = {"float32": torch.float32, "float64": torch.float64}
 @dataclass
 class DeltaHSettings:
     e_prompts: int = 64
+    e_samples_max: int = 1  # responses per E prompt, grown by doubling while ΔH is too wide
+    target_half_width: float = 0.2  # ... i.e. its 95% half-width at η = lr over |ΔH|
     u_prompts: int = 8
     eta_scale: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     estimator: str = "rb"  # rb | surprisal
@@ -125,16 +134,6 @@ def batch_table(problems, prompt_ids, rows, gens, tokenizer, extra: dict) -> Tok
     return table
 
 
-def _with_scores(table: TokenTable, scores) -> TokenTable:
-    table.groups["tokens"]["entropy"], _ = flatten(
-        [e.detach().float().cpu().numpy() for e in scores.entropy], np.float32
-    )
-    table.groups["tokens"]["logprob"], _ = flatten(
-        [lp.detach().float().cpu().numpy() for lp in scores.logprob], np.float32
-    )
-    return table
-
-
 def replay_step(
     model, prompts, responses, advantages, run: RunShape, adam_state, pad: int, accum
 ) -> AdamStep:
@@ -153,6 +152,184 @@ def _timed(clock: dict, key: str, fn):
     out = fn()
     clock.setdefault(key, []).append(time.perf_counter() - t0)
     return out
+
+
+SWEEP_KEYS = ("log_ratio", "h_new", "log_ratio_minus", "h_new_minus")
+
+
+@dataclass
+class EBatch:
+    """The E-batch as it grows: sequences in draw order, per-token values at θ and tangents
+    along v and along its gradient part (float64 numpy, one array per sequence)."""
+
+    gens: list = field(default_factory=list)
+    columns: dict[str, list[np.ndarray]] = field(
+        default_factory=lambda: {
+            k: []
+            for k in ("entropy", "logprob", "d_entropy", "d_logprob", "d_entropy_g", "d_logprob_g")
+        }
+    )
+
+    def add(self, gens, total: ScoresWithTangent, gradient_part: ScoresWithTangent, values=None):
+        """`values` (a plain forward's SequenceScores) replaces the JVP's primal values."""
+        self.gens += gens
+        c = self.columns
+        if values is None:
+            c["entropy"] += total.entropy
+            c["logprob"] += total.logprob
+        else:
+            c["entropy"] += [e.detach().double().cpu().numpy() for e in values.entropy]
+            c["logprob"] += [lp.detach().double().cpu().numpy() for lp in values.logprob]
+        c["d_entropy"] += total.d_entropy
+        c["d_logprob"] += total.d_logprob
+        c["d_entropy_g"] += gradient_part.d_entropy
+        c["d_logprob_g"] += gradient_part.d_logprob
+
+    def arrays(self) -> st.TokenArrays:
+        return st.TokenArrays.from_lists(self.columns["entropy"], self.columns["logprob"])
+
+    def tangents(self, width: int) -> dict[str, st.Tangent]:
+        c = self.columns
+        total = st.Tangent.from_lists(c["d_entropy"], c["d_logprob"], width)
+        grad = st.Tangent.from_lists(c["d_entropy_g"], c["d_logprob_g"], width)
+        rest = st.Tangent(total.d_entropy - grad.d_entropy, total.d_logprob - grad.d_logprob)
+        return {"total": total, "gradient_part": grad, "remainder": rest}
+
+    @property
+    def prompt_rows(self) -> np.ndarray:
+        return np.array([g.prompt_row for g in self.gens])
+
+    def table(self, problems, prompt_ids, e_rows, tokenizer) -> TokenTable:
+        """The contract layout: responses sorted by (prompt, sample), token columns alike."""
+        order = sorted(
+            range(len(self.gens)),
+            key=lambda i: (self.gens[i].prompt_row, self.gens[i].sample_index),
+        )
+        table = batch_table(
+            problems, prompt_ids, e_rows, [self.gens[i] for i in order], tokenizer, {}
+        )
+        tokens = table.groups["tokens"]
+        for key, dtype, name in (
+            ("entropy", np.float32, "entropy"),
+            ("logprob", np.float32, "logprob"),
+            ("d_entropy", np.float64, "d_entropy"),
+            ("d_logprob", np.float64, "d_logprob"),
+            ("d_entropy_g", np.float64, "d_entropy_gradient_part"),
+            ("d_logprob_g", np.float64, "d_logprob_gradient_part"),
+        ):
+            tokens[name], _ = flatten([self.columns[key][i] for i in order], dtype)
+        return table
+
+
+def _tangents(clock: dict, score, model, step: AdamStep):
+    """Exact tangents of one batch's scores along v and along its gradient part."""
+    total = _timed(clock, "jvp", lambda: score_with_tangent(score, model, step.direction))
+    grad = _timed(clock, "jvp", lambda: score_with_tangent(score, model, step.gradient_part))
+    return total, grad
+
+
+def sweep_estimates(
+    batch: EBatch,
+    sweep: dict[str, np.ndarray],
+    etas: np.ndarray,
+    cov_per_unit: np.ndarray,
+    settings: DeltaHSettings,
+    per_token: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every estimate and interval over η, and the first-order slopes' replicates.
+
+    The slope uses every response; SNIS, its remainder R(η) and the ESS use the first draws
+    (`sweep`: (η, N_first) log-ratios and values at θ ± ηv), which come first in `batch`. One
+    bootstrap over prompts serves both, so ΔH = η·slope + R(η) keeps their covariance.
+    """
+    arrays = batch.arrays()
+    tangents = batch.tangents(arrays.mask.shape[1])
+    counts = st.cluster_counts(batch.prompt_rows, settings.bootstrap, settings.seed)
+    n_first = sweep["log_ratio"].shape[1]
+    first_counts = counts[:, :n_first]  # a first draw's count is its prompt's
+    slopes = {
+        k: st.first_order_slope(arrays, t, counts, settings.estimator, per_token)
+        for k, t in tangents.items()
+    }
+    a_old = arrays.values(settings.estimator)[:n_first]
+    d = arrays.denominators(per_token)[:n_first]
+    t_v = tangents["total"]
+    snis_linear = st.snis_slope(
+        a_old, t_v.values(settings.estimator)[:n_first], t_v.score[:n_first], d, first_counts
+    )
+    rows: dict[str, list] = {}
+
+    def add(key, value):
+        rows.setdefault(key, []).append(value)
+
+    for i, eta in enumerate(etas):
+        reps = {}
+        for sign, suffix in ((1.0, ""), (-1.0, "_minus")):
+            log_ratio, h_new = sweep["log_ratio" + suffix][i], sweep["h_new" + suffix][i]
+            snis = st.snis(a_old, h_new, log_ratio, d, first_counts)  # unclipped: unbiased
+            reps["snis" + suffix] = st.snis(a_old, h_new, log_ratio, d, first_counts, settings.clip)
+            reps["nonlinearity" + suffix] = snis - sign * eta * snis_linear
+            add("ess" + suffix, st.ess(log_ratio))
+            add("clip_fraction" + suffix, st.clipped_fraction(log_ratio, settings.clip))
+        first = eta * slopes["total"]
+        truth = first + reps["nonlinearity"]
+        truth_minus = -first + reps["nonlinearity_minus"]
+        cis = {
+            "delta_h_true": st.interval(truth),
+            "delta_h_true_sym": st.interval((truth - truth_minus) / 2),
+            "delta_h_snis": st.interval(reps["snis"]),
+            "delta_h_snis_minus": st.interval(reps["snis_minus"]),
+            "delta_h_first_order": st.interval(first),
+            "delta_h_first_order_gradient_part": st.interval(eta * slopes["gradient_part"]),
+            "delta_h_first_order_remainder": st.interval(eta * slopes["remainder"]),
+            "delta_h_cov": st.interval(eta * cov_per_unit),
+            "nonlinearity": st.interval(reps["nonlinearity"]),
+        }
+        for key, (value, se, lo, hi) in cis.items():
+            add(key, value)
+            add(key + "_ci", (lo, hi))
+            add(key + "_stderr", se)
+        # δH₁'s relative error (δH₁ - ΔH) / ΔH = -R / ΔH on shared samples, Fieller's interval.
+        ratio = st.RatioInterval.from_replicates(-reps["nonlinearity"], truth)
+        add("relative_error", ratio.estimate)
+        add("relative_error_ci", ratio.bounds)
+        add("verdict", ratio.verdict())
+    est = {k: np.asarray(v) for k, v in rows.items()}
+    est["verdict"] = est["verdict"].astype(object)
+    return est, slopes
+
+
+def relative_half_width(est: dict[str, np.ndarray], i: int) -> float:
+    """ΔH's 95% half-width over |ΔH| at η index i."""
+    lo, hi = est["delta_h_true_ci"][i]
+    return float((hi - lo) / 2 / max(abs(est["delta_h_true"][i]), 1e-300))
+
+
+def covariance_predictor_replicates(
+    model, u_prompts, u_responses, u_keep, advantages, v, run, settings, pad, accum
+) -> np.ndarray:
+    """The covariance predictor (Cui et al. 2025) per token and unit step on the U-batch,
+    (1 + bootstrap,) replicates over its groups."""
+    u_jvp = score_with_tangent(
+        lambda: score_sequences(
+            model,
+            u_prompts,
+            u_responses,
+            pad_token_id=pad,
+            temperature=run.temperature,
+            accum_dtype=accum,
+        ),
+        model,
+        v,
+    )
+    u_groups = np.unique([g.prompt_row for g in u_keep], return_inverse=True)[1]
+    return st.covariance_predictor(
+        [lp.sum() for lp in u_jvp.logprob],
+        [len(lp) for lp in u_jvp.logprob],
+        [d.sum() for d in u_jvp.d_logprob],
+        advantages,
+        st.cluster_counts(u_groups, settings.bootstrap, settings.seed + 1),
+    )
 
 
 def estimate_delta_h(
@@ -214,49 +391,72 @@ def estimate_delta_h(
     u_responses = [g.token_ids for g in u_keep]
     step = replay_step(model, u_prompts, u_responses, advantages[kept], run, adam_state, pad, accum)
     v = step.direction
+    cov_per_token = covariance_predictor_replicates(
+        model, u_prompts, u_responses, u_keep, advantages[kept], v, run, settings, pad, accum
+    )
 
-    e_prompts = [prompt_ids[e_rows[g.prompt_row]] for g in e_gens]
-    e_responses = [g.token_ids for g in e_gens]
-
-    def score_e_batch():  # the same sequences and settings at θ and at every shifted θ ± ηv
-        return score_sequences(
+    def score_fn(gens):  # the same sequences and settings at θ and at every shifted θ ± ηv
+        prompts = [prompt_ids[e_rows[g.prompt_row]] for g in gens]
+        responses = [g.token_ids for g in gens]
+        return lambda: score_sequences(
             model,
-            e_prompts,
-            e_responses,
+            prompts,
+            responses,
             pad_token_id=pad,
             temperature=run.temperature,
             accum_dtype=accum,
         )
 
-    # E-batch at θ: values and exact tangents along v and along the gradient part (forward AD).
+    # First draws (one per prompt): values and exact tangents along v and the gradient part.
     clock: dict[str, list[float]] = {}
+    score_first = score_fn(e_gens)
     with torch.no_grad():
-        e_scores = _timed(clock, "forward", score_e_batch)
-    e_jvp = _timed(clock, "jvp", lambda: score_with_tangent(score_e_batch, model, v))
-    e_jvp_grad = _timed(
-        clock, "jvp", lambda: score_with_tangent(score_e_batch, model, step.gradient_part)
-    )
+        e_scores = _timed(clock, "forward", score_first)
+    batch = EBatch()
     # Values from the plain forward, the pass every shifted θ ± ηv uses too (the JVP's primal
     # runs on SDPA's math backend and may differ in the last bits).
-    arrays = st.TokenArrays.from_lists(
-        [e.detach().double().cpu().numpy() for e in e_scores.entropy],
-        [lp.detach().double().cpu().numpy() for lp in e_scores.logprob],
-    )
-    width = arrays.mask.shape[1]
-    tangents = {"total": st.Tangent.from_lists(e_jvp.d_entropy, e_jvp.d_logprob, width)}
-    tangents["gradient_part"] = st.Tangent.from_lists(
-        e_jvp_grad.d_entropy, e_jvp_grad.d_logprob, width
-    )
-    tangents["remainder"] = st.Tangent(
-        tangents["total"].d_entropy - tangents["gradient_part"].d_entropy,
-        tangents["total"].d_logprob - tangents["gradient_part"].d_logprob,
-    )
-    n_e = len(e_gens)
-    counts = st.resample_counts(n_e, settings.bootstrap, settings.seed)
-    slopes = {
-        k: st.first_order_slope(arrays, t, counts, settings.estimator, per_token)
-        for k, t in tangents.items()
-    }
+    batch.add(e_gens, *_tangents(clock, score_first, model, step), values=e_scores)
+    first = batch.arrays()
+    # Per-token change (Cui et al.); the sequence functional Σ_t H_t sums it over a response.
+    cov_per_token *= 1.0 if per_token else float(first.lengths.mean())
+
+    # The η sweep on the first draws: θ ± ηv, the same sequences.
+    etas = np.asarray(settings.eta_scale, dtype=np.float64) * step.lr
+    at_lr = int(np.argmin(np.abs(etas / step.lr - 1.0)))
+    s_old = first.logprob.sum(1)
+    sweep: dict[str, list] = {k: [] for k in SWEEP_KEYS}
+    with torch.no_grad():
+        for eta in etas:
+            for sign, suffix in ((1.0, ""), (-1.0, "_minus")):
+                with shifted(model, v, sign * eta):
+                    new = _timed(clock, "sweep", score_first)
+                a_new, s_new, _ = functional_values(new, settings.estimator)
+                sweep["log_ratio" + suffix].append(s_new - s_old)
+                sweep["h_new" + suffix].append(a_new)
+    sweep_arrays = {k: np.asarray(x) for k, x in sweep.items()}  # (η, N first draws)
+
+    # More responses per prompt while ΔH at η = lr is wider than the target (doubling, capped).
+    samples = 1
+    while True:
+        est, slopes = sweep_estimates(batch, sweep_arrays, etas, cov_per_token, settings, per_token)
+        half = relative_half_width(est, at_lr)
+        log.info(
+            "E-batch %d responses (%d per prompt): ΔH(lr) %+.4g, 95%% half-width %.0f%% of |ΔH|",
+            len(batch.gens),
+            samples,
+            est["delta_h_true"][at_lr],
+            100 * half,
+        )
+        if half <= settings.target_half_width or samples >= settings.e_samples_max:
+            break
+        more = min(2 * samples, settings.e_samples_max) - samples
+        gens = sample_batch(
+            model, tokenizer, prompt_ids, e_rows, more, run, settings.seed + 1 + samples
+        )
+        gens = [dataclasses.replace(g, sample_index=g.sample_index + samples) for g in gens]
+        batch.add(gens, *_tangents(clock, score_fn(gens), model, step))
+        samples += more
+
     log.info(
         "first-order slope <∇H, v> = %.4g ± %.2g (gradient part %.4g, momentum+decay %.4g)",
         slopes["total"][0],
@@ -264,142 +464,51 @@ def estimate_delta_h(
         slopes["gradient_part"][0],
         slopes["remainder"][0],
     )
-
-    # The covariance predictor (Cui et al. 2025) on the U-batch, bootstrapped over its groups.
-    u_jvp = score_with_tangent(
-        lambda: score_sequences(
-            model,
-            u_prompts,
-            u_responses,
-            pad_token_id=pad,
-            temperature=run.temperature,
-            accum_dtype=accum,
-        ),
-        model,
-        v,
-    )
-    u_groups = np.unique([g.prompt_row for g in u_keep], return_inverse=True)[1]
-    group_counts = st.resample_counts(
-        int(u_groups.max()) + 1, settings.bootstrap, settings.seed + 1
-    )
-    cov_per_token = st.covariance_predictor(
-        [lp.sum() for lp in u_jvp.logprob],
-        [len(lp) for lp in u_jvp.logprob],
-        [d.sum() for d in u_jvp.d_logprob],
-        advantages[kept],
-        group_counts[:, u_groups],  # a group's count for each of its sequences
-    )
-    # Per-token entropy change; the sequence functional Σ_t H_t sums it over the E-batch's tokens.
-    cov_scale = 1.0 if per_token else float(arrays.lengths.mean())
-
-    # The η sweep: θ ± ηv on the same E-batch.
-    etas = np.asarray(settings.eta_scale, dtype=np.float64) * step.lr
-    a_old, d = arrays.values(settings.estimator), arrays.denominators(per_token)
-    s_old = arrays.logprob.sum(1)
-    t_v = tangents["total"]
-    snis_linear = st.snis_slope(a_old, t_v.values(settings.estimator), t_v.score, d, counts)
-    rows: dict[str, list] = {}
-    per_eta: dict[str, list] = {
-        "log_ratio": [],
-        "h_new": [],
-        "log_ratio_minus": [],
-        "h_new_minus": [],
-    }
-
-    def add(key, value):
-        rows.setdefault(key, []).append(value)
-
-    with torch.no_grad():
-        for eta in etas:
-            reps = {}
-            for sign, suffix in ((1.0, ""), (-1.0, "_minus")):
-                with shifted(model, v, sign * eta):
-                    new = _timed(clock, "sweep", score_e_batch)
-                a_new, s_new, _ = functional_values(new, settings.estimator)
-                per_eta["log_ratio" + suffix].append(s_new - s_old)
-                per_eta["h_new" + suffix].append(a_new)
-                snis = st.snis(a_old, a_new, s_new - s_old, d, counts)  # unclipped: unbiased
-                reps["snis" + suffix] = st.snis(
-                    a_old, a_new, s_new - s_old, d, counts, settings.clip
-                )
-                reps["nonlinearity" + suffix] = snis - sign * eta * snis_linear
-                add("ess" + suffix, st.ess(s_new - s_old))
-                add("clip_fraction" + suffix, st.clipped_fraction(s_new - s_old, settings.clip))
-            first = eta * slopes["total"]
-            truth = first + reps["nonlinearity"]
-            truth_minus = -first + reps["nonlinearity_minus"]
-            relative = -reps["nonlinearity"] / truth  # (δH₁ - ΔH) / ΔH on shared samples
-            cis = {
-                "delta_h_true": st.interval(truth),
-                "delta_h_true_sym": st.interval((truth - truth_minus) / 2),
-                "delta_h_snis": st.interval(reps["snis"]),
-                "delta_h_snis_minus": st.interval(reps["snis_minus"]),
-                "delta_h_first_order": st.interval(first),
-                "delta_h_first_order_gradient_part": st.interval(eta * slopes["gradient_part"]),
-                "delta_h_first_order_remainder": st.interval(eta * slopes["remainder"]),
-                "delta_h_cov": st.interval(eta * cov_scale * cov_per_token),
-                "nonlinearity": st.interval(reps["nonlinearity"]),
-            }
-            for key, (est, se, lo, hi) in cis.items():
-                add(key, est)
-                add(key + "_ci", (lo, hi))
-                add(key + "_stderr", se)
-            # The verdict needs ΔH's sign: undecided while ΔH's own interval holds zero.
-            _, _, t_lo, t_hi = cis["delta_h_true"]
-            rel = np.quantile(relative[1:], [0.025, 0.975]) if t_lo * t_hi > 0 else [np.nan] * 2
-            add("relative_error", float(relative[0]))
-            add("relative_error_ci", tuple(float(x) for x in rel))
-            add("verdict", st.verdict(*rel))
-            log.info(
-                "eta %.3g: ΔH %+.4g [%+.4g, %+.4g] (SNIS %+.4g ± %.2g), δH₁ %+.4g ± %.2g, "
-                "nonlinearity %+.3g ± %.2g, cov %+.3g, δH₁ relative error %+.2f [%+.2f, %+.2f]: "
-                "%s; ESS %.1f/%d",
-                eta,
-                cis["delta_h_true"][0],
-                t_lo,
-                t_hi,
-                cis["delta_h_snis"][0],
-                cis["delta_h_snis"][1],
-                cis["delta_h_first_order"][0],
-                cis["delta_h_first_order"][1],
-                cis["nonlinearity"][0],
-                cis["nonlinearity"][1],
-                cis["delta_h_cov"][0],
-                relative[0],
-                rel[0],
-                rel[1],
-                rows["verdict"][-1],
-                rows["ess"][-1],
-                n_e,
-            )
-    est = {k: np.asarray(val) for k, val in rows.items()}
-    est["verdict"] = est["verdict"].astype(object)
+    for i, eta in enumerate(etas):
+        log.info(
+            "eta %.3g: ΔH %+.4g [%+.4g, %+.4g] (SNIS %+.4g ± %.2g), δH₁ %+.4g ± %.2g, "
+            "nonlinearity %+.3g ± %.2g, cov %+.3g, δH₁ relative error %+.2f [%+.2f, %+.2f]: "
+            "%s; ESS %.1f/%d",
+            eta,
+            est["delta_h_true"][i],
+            *est["delta_h_true_ci"][i],
+            est["delta_h_snis"][i],
+            est["delta_h_snis_stderr"][i],
+            est["delta_h_first_order"][i],
+            est["delta_h_first_order_stderr"][i],
+            est["nonlinearity"][i],
+            est["nonlinearity_stderr"][i],
+            est["delta_h_cov"][i],
+            est["relative_error"][i],
+            *est["relative_error_ci"][i],
+            est["verdict"][i],
+            est["ess"][i],
+            len(e_gens),
+        )
     est["stderr"] = est["delta_h_true_stderr"]
     est["delta_h_true_minus"] = est["delta_h_true"] - 2 * est["delta_h_true_sym"]
-    est.update({k: np.asarray(val) for k, val in per_eta.items()})  # (η, N_E) for re-analysis
+    est.update(sweep_arrays)  # (η, N first draws) for re-analysis
     est["eta"] = etas
-    at_lr = int(np.argmin(np.abs(etas / step.lr - 1.0)))
     fit_slope, r2 = fit_loglog(etas, est["delta_h_true"])
 
-    # Cost in forward passes over the E-batch (sampling excluded): the wall time of every pass
-    # over the median plain forward (robust to a busy machine), and the count of passes.
+    # Cost in forward passes over the first draws (sampling excluded): the wall time of every
+    # pass over the median plain forward (robust to a busy machine).
     unit = float(np.median(clock["forward"] + clock["sweep"]))
     forward_equivalents = sum(map(sum, clock.values())) / unit
     log.info(
-        "cost: %.1f forward-pass equivalents over the E-batch (%d forwards, 2 JVPs at %.1f each); "
-        "verdict at η = lr: %s",
+        "cost: %.1f forward-pass equivalents over the first %d draws (%d forwards, %d JVPs at "
+        "%.1f each); %d responses in all; verdict at η = lr: %s, half-width %.0f%% of |ΔH|",
         forward_equivalents,
+        len(e_gens),
         1 + 2 * len(etas),
-        np.mean(clock["jvp"]) / unit,
+        len(clock["jvp"]),
+        np.median(clock["jvp"]) / unit,
+        len(batch.gens),
         est["verdict"][at_lr],
+        100 * half,
     )
 
-    e_table = _with_scores(
-        batch_table(problems, prompt_ids, e_rows, e_gens, tokenizer, {}), e_scores
-    )
-    for key, tangent in (("", e_jvp), ("_gradient_part", e_jvp_grad)):
-        e_table.groups["tokens"]["d_entropy" + key], _ = flatten(tangent.d_entropy, np.float64)
-        e_table.groups["tokens"]["d_logprob" + key], _ = flatten(tangent.d_logprob, np.float64)
+    e_table = batch.table(problems, prompt_ids, e_rows, tokenizer)
     u_extra = {
         "reward": rewards.astype(np.float32),
         "advantage": advantages.astype(np.float32),
@@ -412,7 +521,9 @@ def estimate_delta_h(
     groups.update({f"u_batch/{g}": d for g, d in u_table.groups.items()})
     summary = {
         "lr": step.lr,
-        "entropy": float(a_old.sum() / d.sum()),
+        "entropy": float(
+            first.values(settings.estimator).sum() / first.denominators(per_token).sum()
+        ),
         "slope_total": float(slopes["total"][0]),
         "slope_gradient_part": float(slopes["gradient_part"][0]),
         "slope_remainder": float(slopes["remainder"][0]),
@@ -421,7 +532,10 @@ def estimate_delta_h(
         "verdict_at_lr": str(est["verdict"][at_lr]),
         "ground_truth_method": GROUND_TRUTH_METHOD,
         "forward_equivalents": forward_equivalents,
-        "e_responses": n_e,
+        "e_responses": len(batch.gens),
+        "e_prompts": len(e_gens),
+        "e_samples_per_prompt": samples,
+        "relative_half_width_at_lr": half,
         "u_responses_kept": int(kept.sum()),
         "u_responses": len(u_gens),
         "seconds": time.perf_counter() - t0,

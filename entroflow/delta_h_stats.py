@@ -22,7 +22,10 @@ With a_i = h_i (Σ_t H_t or -S_i) and d_i = 1 (per sequence) or L_i (per token),
   η ΔH_snis'(0) estimate η H'(0); replacing SNIS's noisy whole-sequence linear term (a covariance
   of h with the whole-sequence score) by the causal one removes most of SNIS's noise, and R keeps
   everything beyond first order. Unbiased up to SNIS's O(η²/N) ratio bias (measured in the tests).
-Intervals: normal, estimate ± 1.96 · bootstrap standard deviation over E sequences.
+Intervals: normal, estimate ± 1.96 · bootstrap standard deviation over the E-batch's prompts
+(`cluster_counts`: with several responses per prompt the prompt is the independent unit).
+δH₁'s relative error -R(η) / ΔH(η) gets Fieller's interval from the joint replicates
+(`RatioInterval`), valid also where ΔH's own interval holds zero.
 """
 
 from __future__ import annotations
@@ -215,12 +218,57 @@ def interval(replicates: np.ndarray) -> tuple[float, float, float, float]:
     return est, se, est - Z95 * se, est + Z95 * se
 
 
-def verdict(lower: float, upper: float, tolerance: float = 0.2) -> str:
-    """`confirmed`: the relative error's interval lies inside ±tolerance; `rejected`: outside it."""
-    if not (np.isfinite(lower) and np.isfinite(upper)):
+def cluster_counts(cluster: np.ndarray, reps: int, seed: int) -> np.ndarray:
+    """(1 + reps, N) counts per sequence that resample whole clusters (a prompt's responses):
+    sequences of one prompt are not independent, so the bootstrap draws prompts."""
+    cluster = np.asarray(cluster)
+    ids, index = np.unique(cluster, return_inverse=True)
+    return resample_counts(len(ids), reps, seed)[:, index]
+
+
+@dataclass
+class RatioInterval:
+    """Fieller's 95% confidence set for ρ = num / den from joint replicates: the ρ with
+    (num - ρ den)² <= z² Var(num - ρ den), i.e. a ρ² + b ρ + c <= 0. It stays valid where den's
+    interval holds zero (the set is then unbounded), which a percentile interval of the ratio is not."""
+
+    estimate: float
+    a: float
+    b: float
+    c: float
+
+    @classmethod
+    def from_replicates(cls, num: np.ndarray, den: np.ndarray) -> RatioInterval:
+        n, d = float(num[0]), float(den[0])
+        cov = np.cov(num[1:], den[1:])  # bootstrap (co)variances
+        z2 = Z95**2
+        return cls(
+            n / d if d != 0 else np.nan,
+            d * d - z2 * cov[1, 1],
+            -2 * (n * d - z2 * cov[0, 1]),
+            n * n - z2 * cov[0, 0],
+        )
+
+    def contains(self, rho: float) -> bool:
+        return self.a * rho * rho + self.b * rho + self.c <= 0
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(lower, upper) where the set is a bounded interval, else (nan, nan)."""
+        disc = self.b * self.b - 4 * self.a * self.c
+        if not (self.a > 0 and disc >= 0):
+            return np.nan, np.nan
+        root = np.sqrt(disc)
+        return (-self.b - root) / (2 * self.a), (-self.b + root) / (2 * self.a)
+
+    def verdict(self, tolerance: float = 0.2) -> str:
+        """`confirmed`: the set lies inside ±tolerance; `rejected`: it misses ±tolerance entirely."""
+        lo, hi = self.bounds
+        if -tolerance <= lo and hi <= tolerance:
+            return "confirmed"
+        q = [self.a * r * r + self.b * r + self.c for r in (-tolerance, tolerance)]
+        if self.a > 0 and abs(self.b / (2 * self.a)) < tolerance:  # the vertex lies inside
+            q.append(self.c - self.b * self.b / (4 * self.a))
+        if all(np.isfinite(q)) and min(q) > 0:
+            return "rejected"
         return "undecided"
-    if -tolerance <= lower and upper <= tolerance:
-        return "confirmed"
-    if upper < -tolerance or lower > tolerance:
-        return "rejected"
-    return "undecided"

@@ -36,6 +36,7 @@ class FisherSettings:
     sketch_dim: int = 256  # JL dimension k (0: no sketch)
     seed: int = 0
     max_tokens_per_batch: int = 4096
+    e_responses: int = 256  # evaluation sequences: the E-batch's first draws (one per prompt)
 
 
 def batch_sequences(table: TokenTable, rows: np.ndarray | None = None):
@@ -113,7 +114,9 @@ def fisher_kernel_stage(
     kept = np.flatnonzero(u_batch["responses/kept"] == 1)
     advantages = u_batch["responses/advantage"][kept].astype(np.float64)
     u_prompts, u_responses = batch_sequences(u_batch, kept)
-    e_prompts, e_responses = batch_sequences(e_batch)
+    # The ΔH stage may draw several responses per prompt; the kernel takes first draws only.
+    e_rows = np.flatnonzero(e_batch["responses/sample_index"] == 0)[: settings.e_responses]
+    e_prompts, e_responses = batch_sequences(e_batch, e_rows)
     step = replay_step(model, u_prompts, u_responses, advantages, run, adam_state, pad, accum)
     sqrt_p = {n: step.denominator[n].double().rsqrt() for n in names}
 
@@ -171,7 +174,7 @@ def fisher_kernel_stage(
         if settings.sketch_dim
         else float("nan")
     )
-    e_pidx = e_batch["responses/prompt_index"]
+    e_pidx = e_batch["responses/prompt_index"][e_rows]
     u_pidx = u_batch["responses/prompt_index"][kept]
     datasets = {
         "K": kernel,

@@ -116,8 +116,16 @@ def delta_h_summary(path: str | Path) -> dict:
                 out[name] = float(f[name][i])
             if name + "_ci" in f:
                 out[name + "_ci"] = [float(x) for x in f[name + "_ci"][i]]
+        if "relative_error" in f:
+            out["relative_error"] = float(f["relative_error"][i])
+            # Fieller's set is unbounded where ΔH's interval holds zero: null bounds.
+            bounds = [float(x) for x in f["relative_error_ci"][i]]
+            out["relative_error_ci"] = bounds if np.isfinite(bounds).all() else None
         if "verdict_at_lr" in f.attrs:
             out["verdict"] = str(f.attrs["verdict_at_lr"])
+        for key in ("e_responses", "relative_half_width_at_lr"):
+            if key in f.attrs:
+                out[key] = f.attrs[key].item()
     return out
 
 
@@ -234,13 +242,19 @@ def markdown(summary: dict) -> str:
                 "",
                 "At η = lr, 95% intervals, nats per sequence:",
                 "",
-                "| checkpoint | η = lr | ΔH ground truth | δH₁ | covariance predictor |"
-                " nonlinearity | verdict | Fisher identity error |",
-                "|---|---|---|---|---|---|---|---|",
+                "| checkpoint | η = lr | E responses | ΔH ground truth | ΔH half-width / |ΔH| |"
+                " δH₁ | covariance predictor | nonlinearity | δH₁ relative error | verdict |"
+                " Fisher identity error |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for c in run["checkpoints"]:
+                half = c.get("relative_half_width_at_lr")
                 cells = [str(c["step"]), _g(c["eta"]) if "eta" in c else "-"]
-                cells += [_with_interval(c, name) for name in INTERVALS]
+                cells.append(f"{c['e_responses']:,}" if "e_responses" in c else "-")
+                cells.append(_with_interval(c, INTERVALS[0]))
+                cells.append(f"{100 * half:.0f}%" if half is not None else "-")
+                cells += [_with_interval(c, name) for name in INTERVALS[1:]]
+                cells.append(_with_interval(c, "relative_error"))
                 cells.append(c.get("verdict", "-"))
                 error = c.get("identity_relative_error")
                 cells.append(_g(error, 2) if error is not None else "-")
@@ -253,6 +267,8 @@ def _with_interval(entry: dict, name: str) -> str:
         return "-"
     if name + "_ci" not in entry:
         return _g(entry[name])
+    if entry[name + "_ci"] is None:
+        return f"{_g(entry[name])} (unbounded)"
     low, high = entry[name + "_ci"]
     return f"{_g(entry[name])} [{_g(low)}, {_g(high)}]"
 

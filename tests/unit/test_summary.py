@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from entroflow.summary import RunFiles, markdown, summarize, write
+from entroflow.summary import RunFiles, delta_h_summary, markdown, summarize, write
 
 STATS = {
     "n_tokens": 54321,
@@ -47,6 +47,10 @@ def delta_h_file(path, lr, extra=True):
             f["nonlinearity"] = np.array([0.0, 0.01, 0.02, 0.04])
             f["nonlinearity_ci"] = np.array([[-0.1, 0.1]] * 4)
             f.attrs["verdict_at_lr"] = "confirmed"
+            f.attrs["e_responses"] = 4096
+            f.attrs["relative_half_width_at_lr"] = 0.2
+            f["relative_error"] = np.array([0.0, 0.005, 0.007, 0.01])
+            f["relative_error_ci"] = np.array([[np.nan, np.nan]] * 2 + [[-0.1, 0.1]] * 2)
             f.attrs["loglog_slope"] = 0.98
             f.create_group("e_batch")["tokens"] = np.arange(3)
 
@@ -113,11 +117,17 @@ def test_summary_reads_each_figure_from_its_file(tmp_path):
     page = (tmp_path / "s.md").read_text()
     for text in ("0.975", "54,321", "0.5%", "0.443", "0.312", "0.450 → 0.750"):
         assert text in page, text
+    assert c10["relative_error_ci"] == [-0.1, 0.1] and c10["e_responses"] == 4096
     assert (
-        "| 10 | 0.00100 | 3.00 [2.40, 3.60] | 3.10 | - | 0.0200 [-0.100, 0.100] | confirmed"
-        " | 2.5e-09 |" in page
+        "| 10 | 0.00100 | 4,096 | 3.00 [2.40, 3.60] | 20% | 3.10 | - | 0.0200 [-0.100, 0.100]"
+        " | 0.00700 [-0.100, 0.100] | confirmed | 2.5e-09 |" in page
     )
-    assert "| 20 | 0.00100 | 3.00 | 3.10 | - | - | - | - |" in page
+    assert "| 20 | 0.00100 | - | 3.00 | - | 3.10 | - | - | - | - | - |" in page
+    # Fieller's set for the relative error is unbounded where ΔH's interval holds zero.
+    delta_h_file(tmp_path / "unbounded.h5", 1e-3)
+    with h5py.File(tmp_path / "unbounded.h5", "a") as f:
+        f.attrs["lr"] = 0.25e-3  # η = lr is now the first row
+    assert delta_h_summary(tmp_path / "unbounded.h5")["relative_error_ci"] is None
 
 
 def test_summary_without_model_report_or_runs():

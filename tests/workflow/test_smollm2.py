@@ -85,6 +85,12 @@ def test_delta_h_first_order_agrees_at_small_eta_with_intervals(smollm2):
         )
         assert attrs["verdict_at_lr"] in ("confirmed", "rejected", "undecided")
         assert attrs["ground_truth_method"] and attrs["forward_equivalents"] > 0
+        # δH₁'s relative error with Fieller's interval (NaN bounds where it is unbounded), and
+        # the width the ground truth reaches with 16 prompts (no growth: e_samples_max 1).
+        assert e["relative_error_ci"].shape == (len(e["eta"]), 2)
+        assert attrs["e_responses"] == 16 and attrs["e_samples_per_prompt"] == 1
+        assert np.isfinite(attrs["relative_half_width_at_lr"])
+        print(f"checkpoint {step}: ΔH half-width {attrs['relative_half_width_at_lr']:.0%} of |ΔH|")
 
 
 def test_fisher_kernel_identity(smollm2):

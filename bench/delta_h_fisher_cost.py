@@ -13,6 +13,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 
 from entroflow.checkpoints import load_policy
@@ -45,7 +46,10 @@ def main() -> None:
     etas = settings["delta_h"]["eta_scale"]
     tokenizer = load_tokenizer(args.model)
     model = load_policy(args.model, ckpt, merge=False)
-    prompts, responses = batch_sequences(read_token_file(dh_path, root="e_batch"))
+    e_batch = read_token_file(dh_path, root="e_batch")
+    # The sweep's sequences: the first 256 first draws (the Fisher kernel's evaluation rows).
+    first = np.flatnonzero(e_batch["responses/sample_index"] == 0)[:256]
+    prompts, responses = batch_sequences(e_batch, first)
     kw = dict(pad_token_id=tokenizer.pad_token_id, temperature=1.0, accum_dtype=torch.float64)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())

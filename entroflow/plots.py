@@ -279,9 +279,10 @@ def delta_h_figures(files: list, loglog_path, first_order_path, checkpoints_path
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xticks([])
         lo, hi = e["relative_error_ci"][i]
-        bounds = f"[{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else "(ΔH's interval holds 0)"
+        bounds = f"[{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else "(interval unbounded)"
         ax.set_title(
-            f"step {t.attrs['step']}, η = lr: {t.attrs['verdict_at_lr']}\n"
+            f"step {t.attrs['step']}, η = lr: {t.attrs['verdict_at_lr']}"
+            f" ({t.attrs.get('e_responses', '?')} E responses)\n"
             f"δH₁ relative error {e['relative_error'][i]:+.2f} {bounds}",
             fontsize=8,
         )

@@ -242,7 +242,7 @@ def markdown(summary: dict) -> str:
                 "",
                 "At η = lr, 95% intervals, nats per sequence:",
                 "",
-                "| checkpoint | η = lr | E responses | ΔH ground truth | ΔH half-width / |ΔH| |"
+                "| checkpoint | η = lr | E responses | ΔH ground truth | ΔH half-width (% of ΔH) |"
                 " δH₁ | covariance predictor | nonlinearity | δH₁ relative error | verdict |"
                 " Fisher identity error |",
                 "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -210,10 +210,10 @@ def test_loglog_fit():
 
 # --- The ground truth and its intervals, against exact enumeration -----------------------------
 # A larger oracle than above (vocabulary 6, up to 4 tokens: all 781 responses), sampled at the
-# demo's E-batch size; every estimator works on resample counts over the 781 distinct responses,
+# demo's E-batch sizes; every estimator works on resample counts over the 781 distinct responses,
 # so one replication is one multinomial draw and its bootstrap a matrix of counts.
 
-CAL_VOCAB, CAL_EOS, CAL_MAX_LEN, CAL_N = 6, 5, 4, 256
+CAL_VOCAB, CAL_EOS, CAL_MAX_LEN = 6, 5, 4
 
 
 def cal_sequences():
@@ -287,8 +287,10 @@ def test_jvp_slope_with_exact_weights_equals_exact_derivative(calibration_oracle
     assert abs(o["delta_h"] - o["eta"] * o["slope"]) > 0.3 * abs(o["delta_h"])  # nonlinear here
 
 
-def test_intervals_are_calibrated_against_exact_enumeration(calibration_oracle):
-    """200 seeded E-batches of the demo's size: every 95% interval covers its exact value in
+@pytest.mark.parametrize("n", [256, 2048])
+def test_intervals_are_calibrated_against_exact_enumeration(calibration_oracle, n):
+    """200 seeded E-batches of n responses (2048: the demo's first draws; 256: the default):
+    every 95% interval covers its exact value in
     0.90-0.98 of them, and every estimator's bias is below a quarter of its standard error; so
     does the interval of δH₁'s relative error, where it exists (ΔH's interval excludes zero)."""
     o = calibration_oracle
@@ -305,8 +307,8 @@ def test_intervals_are_calibrated_against_exact_enumeration(calibration_oracle):
     relative = []  # does Fieller's set for δH₁'s relative error -R / ΔH cover the exact value?
     relative_target = -targets["nonlinearity"] / targets["ground truth"]
     for _ in range(200):
-        sample = rng.multinomial(CAL_N, o["p"]).astype(np.float64)
-        counts = np.vstack([sample, rng.multinomial(CAL_N, sample / CAL_N, size=200)])
+        sample = rng.multinomial(n, o["p"]).astype(np.float64)
+        counts = np.vstack([sample, rng.multinomial(n, sample / n, size=200)])
         snis = st.snis(a, o["h_new"], o["log_ratio"], d, counts)
         nonlinear = snis - eta * st.snis_slope(a, tangent.values("rb"), tangent.score, d, counts)
         first = eta * st.first_order_slope(arrays, tangent, counts, "rb", False)

@@ -55,7 +55,7 @@ ACCUM = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class DeltaHSettings:
-    e_prompts: int = 64
+    e_prompts: int = 256  # the schema's default too
     e_samples_max: int = 1  # responses per E prompt, grown by doubling while ΔH is too wide
     target_half_width: float = 0.2  # ... i.e. its 95% half-width at η = lr over |ΔH|
     u_prompts: int = 8

@@ -323,13 +323,17 @@ def covariance_predictor_replicates(
         v,
     )
     u_groups = np.unique([g.prompt_row for g in u_keep], return_inverse=True)[1]
-    return st.covariance_predictor(
+    replicates = st.covariance_predictor(
         [lp.sum() for lp in u_jvp.logprob],
         [len(lp) for lp in u_jvp.logprob],
         [d.sum() for d in u_jvp.d_logprob],
         advantages,
         st.cluster_counts(u_groups, settings.bootstrap, settings.seed + 1),
     )
+    if u_groups.max() < 1:  # one informative group: resampling it gives a zero-width interval
+        log.warning("one informative U-batch group: the covariance predictor has no interval")
+        replicates[1:] = np.nan
+    return replicates
 
 
 def estimate_delta_h(

@@ -114,8 +114,9 @@ def delta_h_summary(path: str | Path) -> dict:
         for name in INTERVALS:
             if name in f:
                 out[name] = float(f[name][i])
-            if name + "_ci" in f:
-                out[name + "_ci"] = [float(x) for x in f[name + "_ci"][i]]
+            if name + "_ci" in f:  # null where there is none (one U group for the predictor)
+                bounds = [float(x) for x in f[name + "_ci"][i]]
+                out[name + "_ci"] = bounds if np.isfinite(bounds).all() else None
         if "relative_error" in f:
             out["relative_error"] = float(f["relative_error"][i])
             # Fieller's set is unbounded where ΔH's interval holds zero: null bounds.
@@ -268,7 +269,7 @@ def _with_interval(entry: dict, name: str) -> str:
     if name + "_ci" not in entry:
         return _g(entry[name])
     if entry[name + "_ci"] is None:
-        return f"{_g(entry[name])} (unbounded)"
+        return f"{_g(entry[name])} ({'unbounded' if name == 'relative_error' else 'no interval'})"
     low, high = entry[name + "_ci"]
     return f"{_g(entry[name])} [{_g(low)}, {_g(high)}]"
 

@@ -60,6 +60,7 @@ lint: venv
 	$(BIN)/snakefmt --check workflow
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: venv
 	$(BIN)/snakefmt workflow

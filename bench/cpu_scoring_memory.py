@@ -41,7 +41,7 @@ def child(what: str, vocab: int, batch: int, tokens: int) -> None:
         if what == "bare":
             out = model(input_ids=ids).logits
         elif what == "scorer":
-            from entroflow.scoring import score_responses
+            from entroflow.lm.scoring import score_responses
 
             rows = ids.numpy()
             out = score_responses(

@@ -16,12 +16,12 @@ import time
 import numpy as np
 import torch
 
-from entroflow.checkpoints import load_policy
-from entroflow.delta_h import score_sequences, shifted
-from entroflow.fisher import sequence_gradients
-from entroflow.fisher_run import batch_sequences
+from entroflow.checkpoint.fisher_run import batch_sequences
+from entroflow.estimators.delta_h import score_sequences, shifted
+from entroflow.estimators.fisher import sequence_gradients
 from entroflow.io import read_token_file
-from entroflow.models import load_tokenizer
+from entroflow.lm.checkpoints import load_policy
+from entroflow.lm.models import load_tokenizer
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -103,7 +103,7 @@ def store_and_gemm(n_rows: int, n_params: int, n_u: int = 64, block: int = 8192)
     import h5py
     import numpy as np
 
-    from entroflow.fisher_run import kernel_from_store
+    from entroflow.checkpoint.fisher_run import kernel_from_store
 
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((n_rows, n_params), dtype=np.float32)

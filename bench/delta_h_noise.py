@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from entroflow import delta_h_stats as st
+from entroflow.estimators import delta_h_stats as st
 
 
 def decompose(path: Path) -> dict:

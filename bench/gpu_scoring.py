@@ -20,8 +20,8 @@ import json
 import torch
 from gpu_common import cuda_seconds, out_of_memory, peak_gib, random_qwen
 
-from entroflow import fused_entropy
-from entroflow.scoring import batch_scores, decoder_body
+from entroflow.lm import fused_entropy
+from entroflow.lm.scoring import batch_scores, decoder_body
 
 CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
     (128, 256, 64, 8, 3),

@@ -16,8 +16,8 @@ import time
 import torch
 from transformers.trainer_callback import PrinterCallback
 
-from entroflow.datasets import load_problems
-from entroflow.models import load_model, load_tokenizer
+from entroflow.data.datasets import load_problems
+from entroflow.lm.models import load_model, load_tokenizer
 from entroflow.training.monitor import EntropyMonitor
 from entroflow.training.run import prompts_dataset
 from entroflow.training.trainer import RunSettings, build_trainer

@@ -38,8 +38,8 @@ def check_config(paths: list[str], models: bool = False) -> int:
 
 def check_local_models(config: dict) -> None:
     """The model folders a config names (local entries), as the first rule loading them would."""
-    from entroflow.model_folder import check_model_folder
-    from entroflow.models import load_tokenizer
+    from entroflow.lm.model_folder import check_model_folder
+    from entroflow.lm.models import load_tokenizer
 
     for name, entry in config["models"].items():
         if entry["source"] == "local":

@@ -2,7 +2,7 @@
 
 Snakemake's `code` trigger compares a script's modification time (touching it reruns the job,
 GPU jobs included) and never looks at the entroflow modules the script imports (editing
-`entroflow/scoring.py` would silently keep stale results). So the profiles leave that trigger
+`entroflow/lm/scoring.py` would silently keep stale results). So the profiles leave that trigger
 out, and each rule instead gets `params.library`: a hash of the code of its script and of every
 entroflow module the script imports, followed transitively. The hash is taken over the parsed
 code (`ast.unparse` without docstrings), so comments, docstrings, formatting, the package version

@@ -13,9 +13,9 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from entroflow.datasets import DatasetError, resolve_entry
+from entroflow.data.datasets import DatasetError, resolve_entry
 from entroflow.errors import EntroflowError
-from entroflow.models import ModelError, check_model_path, gguf_file
+from entroflow.lm.models import ModelError, check_model_path, gguf_file
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"  # ships in the package
 

@@ -62,7 +62,7 @@ def check_record(
 
 def experiment_spec(config: dict, name: str) -> dict:
     """What an experiment's results depend on: its entry, its model's and its dataset's."""
-    from entroflow.datasets import resolve_entry
+    from entroflow.data.datasets import resolve_entry
 
     entry = {k: v for k, v in config["experiments"][name].items() if k != "default_target"}
     dataset = entry["dataset"]
@@ -82,7 +82,7 @@ def run_spec(config: dict, name: str) -> dict:
 def shared_outputs(config: dict):
     """(output, key, spec, what to do instead) of every named intermediate a config shares
     with other configs in the same directory."""
-    from entroflow.datasets import resolve_entry
+    from entroflow.data.datasets import resolve_entry
 
     rename = "give the {} another name in this config (or delete {} to remake it)"
     for name, entry in config["datasets"].items():

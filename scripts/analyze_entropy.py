@@ -2,9 +2,9 @@
 
 import json
 
-from entroflow.analysis import AnalysisSettings, entropy_stats, top_tokens
 from entroflow.io import load_checked
 from entroflow.logs import setup_logging
+from entroflow.tokens.analysis import AnalysisSettings, entropy_stats, top_tokens
 
 log = setup_logging(snakemake.log[0])
 table = load_checked(snakemake.input[0])

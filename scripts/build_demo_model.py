@@ -1,6 +1,6 @@
 """Rule build_demo_model: train the tiny demo tokenizer + model on arithmetic CoT (CPU minutes)."""
 
-from entroflow.demo_model import DemoModelConfig, build_demo_model
+from entroflow.lm.demo_model import DemoModelConfig, build_demo_model
 from entroflow.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import torch
 
-from entroflow.checkpoints import load_adam_state, load_policy
-from entroflow.delta_h_run import RunShape
-from entroflow.fisher_run import FisherSettings, fisher_kernel_stage
+from entroflow.checkpoint.delta_h_run import RunShape
+from entroflow.checkpoint.fisher_run import FisherSettings, fisher_kernel_stage
 from entroflow.io import TokenTable, read_token_file, write_token_file
+from entroflow.lm.checkpoints import load_adam_state, load_policy
+from entroflow.lm.models import load_tokenizer
 from entroflow.logs import setup_logging
-from entroflow.models import load_tokenizer
 
 log = setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from entroflow.lm.models import convert_gguf
 from entroflow.logs import setup_logging
-from entroflow.models import convert_gguf
 
 log = setup_logging(snakemake.log[0])
 convert_gguf(Path(snakemake.input[0]), snakemake.output[0])

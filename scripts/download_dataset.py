@@ -2,8 +2,8 @@
 
 from contextlib import nullcontext
 
-from entroflow.datasets import load_problems, write_parquet_atomic
-from entroflow.hub import hub_download
+from entroflow.data.datasets import load_problems, write_parquet_atomic
+from entroflow.lm.hub import hub_download
 from entroflow.logs import setup_logging
 from entroflow.provenance import write_record
 

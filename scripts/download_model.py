@@ -1,6 +1,6 @@
 """Rule download_model (local rule, so it runs where there is network): hub id -> a local folder."""
 
-from entroflow.hub import download_model
+from entroflow.lm.hub import download_model
 from entroflow.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])

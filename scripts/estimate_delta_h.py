@@ -5,12 +5,17 @@ from pathlib import Path
 
 import torch
 
-from entroflow.checkpoints import load_adam_state, load_policy
-from entroflow.datasets import read_problems
-from entroflow.delta_h_run import MAXENT_STATE_FILE, DeltaHSettings, RunShape, estimate_delta_h
+from entroflow.checkpoint.delta_h_run import (
+    MAXENT_STATE_FILE,
+    DeltaHSettings,
+    RunShape,
+    estimate_delta_h,
+)
+from entroflow.data.datasets import read_problems
 from entroflow.io import write_token_file
+from entroflow.lm.checkpoints import load_adam_state, load_policy
+from entroflow.lm.models import encode_prompts, load_tokenizer
 from entroflow.logs import setup_logging
-from entroflow.models import encode_prompts, load_tokenizer
 
 log = setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

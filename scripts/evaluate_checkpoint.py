@@ -4,12 +4,12 @@ import json
 
 import torch
 
-from entroflow.checkpoints import load_policy
-from entroflow.datasets import read_problems
+from entroflow.data.datasets import read_problems
 from entroflow.engines import SamplingParams, get_engine
-from entroflow.evaluation import evaluate, summarize
+from entroflow.eval.evaluation import evaluate, summarize
+from entroflow.lm.checkpoints import load_policy
+from entroflow.lm.models import encode_prompts, load_tokenizer
 from entroflow.logs import setup_logging
-from entroflow.models import encode_prompts, load_tokenizer
 
 log = setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

@@ -4,12 +4,12 @@ import json
 
 import torch
 
-from entroflow.datasets import read_problems
+from entroflow.data.datasets import read_problems
 from entroflow.engines import ForkingTemperature, SamplingParams, get_engine
-from entroflow.evaluation import evaluate, summarize
+from entroflow.eval.evaluation import evaluate, summarize
 from entroflow.io import read_json
+from entroflow.lm.models import encode_prompts, load_model, load_tokenizer
 from entroflow.logs import setup_logging
-from entroflow.models import encode_prompts, load_model, load_tokenizer
 
 log = setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

@@ -1,10 +1,10 @@
 """Rule gather_entropy: shards -> results/{experiment}/entropy.h5, with correctness and vocab."""
 
 from entroflow.io import check_contract, concat_token_tables, load_checked, write_token_file
+from entroflow.lm.models import load_tokenizer
 from entroflow.logs import setup_logging
-from entroflow.models import load_tokenizer
-from entroflow.pipeline import add_vocab, mark_correctness, merge_checks
 from entroflow.provenance import experiment_spec, write_record
+from entroflow.tokens.pipeline import add_vocab, mark_correctness, merge_checks
 
 log = setup_logging(snakemake.log[0])
 shards = [load_checked(path) for path in snakemake.input.shards]

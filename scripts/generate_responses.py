@@ -9,13 +9,13 @@ import types
 import torch
 from transformers import AutoConfig
 
-from entroflow.datasets import read_problems
+from entroflow.data.datasets import read_problems
 from entroflow.engines import SamplingParams, get_engine
 from entroflow.io import write_token_file
 from entroflow.journal import BatchJournal, journal_folder
+from entroflow.lm.models import context_length, encode_prompts, load_model, load_tokenizer
 from entroflow.logs import ProgressLog, setup_logging
-from entroflow.models import context_length, encode_prompts, load_model, load_tokenizer
-from entroflow.pipeline import generate_shard, generation_key
+from entroflow.tokens.pipeline import generate_shard, generation_key
 
 log = setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

@@ -2,7 +2,7 @@
 
 from entroflow.io import read_token_file
 from entroflow.logs import setup_logging
-from entroflow.plots import delta_h_figures
+from entroflow.report.plots import delta_h_figures
 
 setup_logging(snakemake.log[0])
 files = [read_token_file(path, groups=[""]) for path in snakemake.input]

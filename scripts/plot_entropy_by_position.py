@@ -1,9 +1,9 @@
 """Rule plot_entropy_by_position."""
 
-from entroflow.analysis import pick_trajectories
 from entroflow.io import load_checked, read_json
 from entroflow.logs import setup_logging
-from entroflow.plots import entropy_by_position
+from entroflow.report.plots import entropy_by_position
+from entroflow.tokens.analysis import pick_trajectories
 
 setup_logging(snakemake.log[0])
 stats = read_json(snakemake.input.stats)

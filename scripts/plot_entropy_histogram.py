@@ -2,7 +2,7 @@
 
 from entroflow.io import read_json, read_token_file
 from entroflow.logs import setup_logging
-from entroflow.plots import entropy_histogram
+from entroflow.report.plots import entropy_histogram
 
 setup_logging(snakemake.log[0])
 stats = read_json(snakemake.input.stats)

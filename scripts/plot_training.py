@@ -1,7 +1,7 @@
 """Rule plot_training: reward, entropy percentiles and the δH probe per step."""
 
 from entroflow.logs import setup_logging
-from entroflow.plots import training_curves
+from entroflow.report.plots import training_curves
 from entroflow.training.traces import TraceWriter
 
 setup_logging(snakemake.log[0])

@@ -3,7 +3,7 @@
 import pandas as pd
 
 from entroflow.logs import setup_logging
-from entroflow.plots import word_cloud
+from entroflow.report.plots import word_cloud
 
 setup_logging(snakemake.log[0])
 top = pd.read_csv(snakemake.input.top_tokens, keep_default_na=False)

@@ -1,9 +1,9 @@
 """Rule render_token_view: self-contained HTML of responses coloured by token entropy."""
 
-from entroflow.analysis import pick_trajectories
 from entroflow.io import load_checked, read_json
 from entroflow.logs import setup_logging
-from entroflow.plots import token_view_html
+from entroflow.report.plots import token_view_html
+from entroflow.tokens.analysis import pick_trajectories
 
 setup_logging(snakemake.log[0])
 stats = read_json(snakemake.input.stats)

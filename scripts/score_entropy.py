@@ -7,9 +7,9 @@ import torch
 
 from entroflow.io import load_checked, write_token_file
 from entroflow.journal import BatchJournal, journal_folder
+from entroflow.lm.models import load_model, load_tokenizer
 from entroflow.logs import ProgressLog, setup_logging
-from entroflow.models import load_model, load_tokenizer
-from entroflow.pipeline import score_table, scoring_checks, scoring_key
+from entroflow.tokens.pipeline import score_table, scoring_checks, scoring_key
 
 log = setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

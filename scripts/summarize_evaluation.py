@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from entroflow.evaluation import markdown_table
+from entroflow.eval.evaluation import markdown_table
 from entroflow.io import read_json
 from entroflow.logs import setup_logging
 

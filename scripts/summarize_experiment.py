@@ -7,7 +7,7 @@ import pandas as pd
 
 from entroflow.io import read_json
 from entroflow.logs import setup_logging
-from entroflow.summary import RunFiles, summarize, write
+from entroflow.report.summary import RunFiles, summarize, write
 
 log = setup_logging(snakemake.log[0])
 model_report = None

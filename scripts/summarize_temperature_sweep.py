@@ -1,10 +1,10 @@
 """Rule summarize_temperature_sweep: the (T_high, T_low) grid as a table and a heat-map."""
 
-from entroflow.evaluation import markdown_table
+from entroflow.eval.evaluation import markdown_table
+from entroflow.eval.sweep import sweep_table
 from entroflow.io import read_json
 from entroflow.logs import setup_logging
-from entroflow.plots import temperature_sweep_figure
-from entroflow.sweep import sweep_table
+from entroflow.report.plots import temperature_sweep_figure
 
 log = setup_logging(snakemake.log[0])
 table = sweep_table([read_json(path) for path in snakemake.input]).drop(

@@ -2,7 +2,7 @@
 
 import torch
 
-from entroflow.datasets import read_problems
+from entroflow.data.datasets import read_problems
 from entroflow.logs import setup_logging
 from entroflow.provenance import run_spec, write_record
 from entroflow.training.run import train_policy

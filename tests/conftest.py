@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from entroflow.demo_model import corpus, train_tokenizer
+from entroflow.lm.demo_model import corpus, train_tokenizer
 
 
 def _rms_norm_f64(self, x):

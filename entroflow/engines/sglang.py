@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from entroflow.engines.base import Generation, Progress, SamplingParams, sample_jobs
-from entroflow.models import ModelError
+from entroflow.lm.models import ModelError
 
 INSTALL_HINT = "install the optional extra on a CUDA machine: pip install 'entroflow[sglang]'"
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface, TemperatureLogitsWarper
 
-from entroflow.entropy import entropy_and_logprob
-from entroflow.fused_entropy import fused_supported, logits_entropy, sample_with_entropy
-from entroflow.scoring import check_head, decoder_body, head_logits, left_pad, unwrap_peft
+from entroflow.lm.entropy import entropy_and_logprob
+from entroflow.lm.fused_entropy import fused_supported, logits_entropy, sample_with_entropy
+from entroflow.lm.scoring import check_head, decoder_body, head_logits, left_pad, unwrap_peft
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from entroflow.delta_h_stats import covariance_predictor
+from entroflow.estimators.delta_h_stats import covariance_predictor
 from entroflow.io import TokenTable, flatten, str_array, vocab_group
-from entroflow.scoring import batch_scores, token_budget_batches
+from entroflow.lm.scoring import batch_scores, token_budget_batches
 from entroflow.training.traces import TraceWriter
 
 log = logging.getLogger(__name__)

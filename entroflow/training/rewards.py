@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from entroflow.answers import is_correct
+from entroflow.data.answers import is_correct
 
 BOXED = re.compile(r"\\boxed\{[^{}]*\}")
 

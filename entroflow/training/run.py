@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from entroflow.journal import fingerprint, folder_fingerprint
-from entroflow.models import load_model, load_tokenizer
+from entroflow.lm.models import load_model, load_tokenizer
 from entroflow.training.monitor import EntropyMonitor
 from entroflow.training.trainer import RunSettings, build_trainer, last_checkpoint, run_metadata
 

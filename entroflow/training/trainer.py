@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from entroflow.checkpoints import PARAM_NAMES_FILE
-from entroflow.delta_h import score_sequences
+from entroflow.estimators.delta_h import score_sequences
+from entroflow.lm.checkpoints import PARAM_NAMES_FILE
 from entroflow.training.maxent import (
     MaxEntController,
     maxent_advantages,

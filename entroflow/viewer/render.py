@@ -8,7 +8,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from entroflow.plots import LOG_FLOOR, hex_colour, log_position
+from entroflow.report.plots import LOG_FLOOR, hex_colour, log_position
 
 SORTS = {
     "position": ("position", True),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entroflow.checkpoints import PARAM_NAMES_FILE, CheckpointError, load_adam_state
+from entroflow.lm.checkpoints import PARAM_NAMES_FILE, CheckpointError, load_adam_state
 
 
 class Payload:

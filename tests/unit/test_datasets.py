@@ -5,7 +5,13 @@ import json
 import pandas as pd
 import pytest
 
-from entroflow.datasets import PRESETS, DatasetError, extract_answer, load_problems, resolve_entry
+from entroflow.data.datasets import (
+    PRESETS,
+    DatasetError,
+    extract_answer,
+    load_problems,
+    resolve_entry,
+)
 
 
 def write_rows(path, rows):

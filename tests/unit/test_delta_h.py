@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from entroflow import delta_h_stats as st
-from entroflow.adam import dot, replay_adamw
-from entroflow.delta_h import (
+from entroflow.estimators import delta_h_stats as st
+from entroflow.estimators.adam import dot, replay_adamw
+from entroflow.estimators.delta_h import (
     entropy_value,
     first_order_surrogate,
     fit_loglog,
@@ -18,7 +18,7 @@ from entroflow.delta_h import (
     shifted,
     snis_delta,
 )
-from entroflow.tangents import score_with_tangent
+from entroflow.lm.tangents import score_with_tangent
 from tests.conftest import float64_norms
 
 VOCAB, EOS, PAD, MAX_LEN = 5, 4, 0, 3
@@ -451,7 +451,7 @@ def test_jvp_tangents_on_lora_adapters_equal_finite_differences(lora_model):
 
 
 def test_maxent_grpo_advantages_are_listwise(lora_model):
-    from entroflow.delta_h_run import RunShape, u_batch_advantages
+    from entroflow.checkpoint.delta_h_run import RunShape, u_batch_advantages
     from entroflow.training.maxent import maxent_advantages, maxent_weights
 
     model, reference = lora_model
@@ -483,7 +483,7 @@ def scores_of(model, prompts, responses):
 
 
 def test_maxent_state_file_is_the_trainers():
-    from entroflow.delta_h_run import MAXENT_STATE_FILE
+    from entroflow.checkpoint.delta_h_run import MAXENT_STATE_FILE
     from entroflow.training.trainer import MAXENT_STATE_FILE as written
 
     assert written == MAXENT_STATE_FILE

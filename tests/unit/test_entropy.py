@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from entroflow.entropy import entropy_and_logprob
+from entroflow.lm.entropy import entropy_and_logprob
 
 
 def reference(logits, labels, temperature):

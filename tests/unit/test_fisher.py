@@ -6,9 +6,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from entroflow.adam import dot, replay_adamw
-from entroflow.delta_h import first_order_surrogate, rl_loss, score_sequences
-from entroflow.fisher import (
+from entroflow.estimators.adam import dot, replay_adamw
+from entroflow.estimators.delta_h import first_order_surrogate, rl_loss, score_sequences
+from entroflow.estimators.fisher import (
     flatten_blocks,
     jl_sketch,
     kernel_blocked,

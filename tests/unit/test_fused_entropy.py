@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from entroflow import fused_entropy
-from entroflow.fused_entropy import (
+from entroflow.lm import fused_entropy
+from entroflow.lm.fused_entropy import (
     fused_entropy_and_logprob,
     logits_entropy,
     merge_partials,
     sample_with_entropy,
     split_vocabulary,
 )
-from entroflow.scoring import choose_head_method, score_responses
+from entroflow.lm.scoring import choose_head_method, score_responses
 from tests.conftest import make_tiny_model
 
 pytestmark = pytest.mark.skipif(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from entroflow.hub import HubError, hub_download
+from entroflow.lm.hub import HubError, hub_download
 
 
 def test_no_connection_names_the_entry_and_the_local_alternative():

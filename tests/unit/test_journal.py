@@ -10,8 +10,8 @@ import pytest
 from entroflow.engines import SamplingParams
 from entroflow.engines.hf import HFEngine
 from entroflow.journal import BatchJournal, fingerprint, journal_folder, load_or_compute
-from entroflow.pipeline import generate_shard, score_table
-from entroflow.scoring import decoder_body
+from entroflow.lm.scoring import decoder_body
+from entroflow.tokens.pipeline import generate_shard, score_table
 from tests.conftest import make_tiny_model
 
 

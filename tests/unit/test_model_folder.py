@@ -11,7 +11,7 @@ import transformers
 import yaml
 
 from entroflow.cli import main
-from entroflow.models import ModelError, load_model, load_tokenizer
+from entroflow.lm.models import ModelError, load_model, load_tokenizer
 from tests.conftest import save_tiny_model
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from entroflow.pipeline import PromptTooLongError, check_prompt_lengths, shard_rows
+from entroflow.tokens.pipeline import PromptTooLongError, check_prompt_lengths, shard_rows
 
 
 def test_shards_cover_every_prompt_once():
@@ -31,7 +31,7 @@ def test_prompt_plus_budget_over_context_warns(caplog):
 def test_scoring_checks_and_their_merge(tiny_model, tiny_tokenizer):
     from entroflow.engines import SamplingParams
     from entroflow.engines.hf import HFEngine
-    from entroflow.pipeline import generate_shard, merge_checks, score_table, scoring_checks
+    from entroflow.tokens.pipeline import generate_shard, merge_checks, score_table, scoring_checks
 
     prompts = ["1 + 2 =", "3 + 4 ="]
     problems = pd.DataFrame({"prompt": prompts, "answer": ["3", "7"], "id": ["a", "b"]})
@@ -62,7 +62,7 @@ def test_scoring_checks_and_their_merge(tiny_model, tiny_tokenizer):
 
 
 def test_gguf_entries_name_what_is_missing(tmp_path):
-    from entroflow.models import ModelError, gguf_file
+    from entroflow.lm.models import ModelError, gguf_file
 
     with pytest.raises(ModelError, match="package 'no_such_pkg' is not installed"):
         gguf_file("m", {"package": "no_such_pkg", "gguf_file": "x.gguf"})

@@ -7,7 +7,7 @@ from transformers import LlamaForCausalLM
 
 from entroflow.engines import SamplingParams
 from entroflow.engines.hf import HFEngine
-from entroflow.scoring import response_rows, score_responses, token_budget_batches
+from entroflow.lm.scoring import response_rows, score_responses, token_budget_batches
 from tests.conftest import make_tiny_family_model, make_tiny_model
 
 
@@ -182,7 +182,7 @@ def test_engine_with_forking_temperature_records_the_warped_logprobs(tiny_tokeni
     import torch
 
     from entroflow.engines import ForkingTemperature
-    from entroflow.entropy import entropy_and_logprob
+    from entroflow.lm.entropy import entropy_and_logprob
 
     model = make_tiny_model(tiny_tokenizer, seed=5)
     engine = HFEngine(model, tiny_tokenizer, batch_size=4)

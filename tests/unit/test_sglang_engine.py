@@ -10,7 +10,7 @@ import torch
 
 from entroflow.engines import ForkingTemperature, SamplingParams, get_engine
 from entroflow.engines.sglang import sampling_dict, to_generation
-from entroflow.models import ModelError
+from entroflow.lm.models import ModelError
 
 HAS_SGLANG = importlib.util.find_spec("sglang") is not None
 

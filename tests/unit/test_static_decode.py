@@ -10,8 +10,8 @@ import torch
 
 from entroflow.engines import ForkingTemperature, SamplingParams, static_decode
 from entroflow.engines.hf import HFEngine
-from entroflow.fused_entropy import fused_supported
-from entroflow.scoring import score_responses
+from entroflow.lm.fused_entropy import fused_supported
+from entroflow.lm.scoring import score_responses
 from tests.conftest import make_tiny_family_model, make_tiny_model
 
 EOS = list(range(3, 40))  # many "EOS" tokens: rows stop at scattered depths

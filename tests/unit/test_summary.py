@@ -1,4 +1,4 @@
-"""entroflow.summary: reads the figures from the files earlier rules wrote, by name."""
+"""entroflow.report.summary: reads the figures from the files earlier rules wrote, by name."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from entroflow.summary import RunFiles, delta_h_summary, markdown, summarize, write
+from entroflow.report.summary import RunFiles, delta_h_summary, markdown, summarize, write
 
 STATS = {
     "n_tokens": 54321,

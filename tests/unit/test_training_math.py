@@ -6,7 +6,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from entroflow.evaluation import avg_at_k, pass_at_k, summarize
+from entroflow.eval.evaluation import avg_at_k, pass_at_k, summarize
 from entroflow.training.maxent import (
     MaxEntController,
     maxent_advantages,

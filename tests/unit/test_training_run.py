@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from entroflow.checkpoints import (
+from entroflow.data.datasets import load_problems
+from entroflow.io import check_contract, read_token_file
+from entroflow.lm.checkpoints import (
     CheckpointError,
     load_adam_state,
     load_policy,
     require_optimizer_state,
 )
-from entroflow.datasets import load_problems
-from entroflow.io import check_contract, read_token_file
 from entroflow.training.monitor import EntropyMonitor
 from entroflow.training.run import prompts_dataset, train_policy
 from entroflow.training.trainer import PARAM_NAMES_FILE, RunSettings, build_trainer
@@ -47,7 +47,7 @@ def problems():
 
 
 def test_checkpoint_state_maps_to_named_parameters(model_dir, problems, tiny_tokenizer, tmp_path):
-    from entroflow.models import load_model
+    from entroflow.lm.models import load_model
 
     settings = RunSettings(**SETTINGS)
     trainer = build_trainer(
@@ -103,7 +103,7 @@ def test_checkpoint_state_maps_to_named_parameters(model_dir, problems, tiny_tok
 
 def test_probe_is_first_order_exact_for_small_steps(model_dir, problems, tiny_tokenizer, tmp_path):
     """At a tiny learning rate the realised change equals the prediction up to O(lr^2)."""
-    from entroflow.models import load_model
+    from entroflow.lm.models import load_model
 
     settings = RunSettings(**{**SETTINGS, "steps": 2, "save_every": 2, "learning_rate": 1e-6})
     trainer = build_trainer(

@@ -74,19 +74,19 @@ def test_changing_one_experiment_reruns_only_it(tmp_path, tiny_tokenizer):
     for path in [*(project / "scripts").glob("*.py"), *(project / "entroflow").rglob("*.py")]:
         os.utime(path)
     assert nothing_to_do() is True
-    scoring = project / "entroflow/scoring.py"
+    scoring = project / "entroflow/lm/scoring.py"
     original = scoring.read_text()
     scoring.write_text('"""Edited docstring."""\n# a comment\n' + original.split('"""', 2)[2])
     assert nothing_to_do() is True
     scoring.write_text(original)
 
-    # A code edit in entroflow/plots.py reruns exactly the rules whose scripts import it.
-    plots = project / "entroflow/plots.py"
+    # A code edit in entroflow/report/plots.py reruns exactly the rules whose scripts import it.
+    plots = project / "entroflow/report/plots.py"
     plots.write_text(plots.read_text() + "\nDPI_OVERRIDE = None\n")
     users = {
         script.stem
         for script in (project / "scripts").glob("*.py")
-        if "entroflow.plots" in library_modules(script, project / "entroflow")
+        if "entroflow.report.plots" in library_modules(script, project / "entroflow")
     }
     scheduled = set(jobs_by_rule(dry_run())) - {"all"}
     assert "plot_entropy_histogram" in scheduled and "generate_responses" not in scheduled

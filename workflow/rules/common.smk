@@ -5,16 +5,16 @@ import re
 from pathlib import Path
 
 from entroflow.code_version import library_fingerprint
-from entroflow.checkpoints import (
+from entroflow.config import validate_config
+from entroflow.data.datasets import resolve_entry
+from entroflow.eval.sweep import cell_name, sweep_cells
+from entroflow.lm.checkpoints import (
     CheckpointError,
     find_checkpoints,
     require_optimizer_state,
 )
-from entroflow.config import validate_config
-from entroflow.models import gguf_file
-from entroflow.datasets import resolve_entry
+from entroflow.lm.models import gguf_file
 from entroflow.provenance import check_config_outputs
-from entroflow.sweep import cell_name, sweep_cells
 from entroflow.training.settings import RunSettings
 
 validate_config(config)

@@ -16,14 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from entroflow.answers import is_correct
+from entroflow.data.answers import is_correct
 from entroflow.engines import Engine, SamplingParams
 from entroflow.engines.base import Generation
-from entroflow.entropy import ENTROPY_CONVENTION
 from entroflow.errors import EntroflowError
 from entroflow.io import TokenTable, flatten, str_array, vocab_group
 from entroflow.journal import BatchJournal, fingerprint, folder_fingerprint, load_or_compute
-from entroflow.scoring import choose_head_method, score_responses, unwrap_peft
+from entroflow.lm.entropy import ENTROPY_CONVENTION
+from entroflow.lm.scoring import choose_head_method, score_responses, unwrap_peft
 
 log = logging.getLogger(__name__)
 

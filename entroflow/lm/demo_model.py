@@ -27,8 +27,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from entroflow import arithmetic
-from entroflow.answers import is_correct
+from entroflow.data import arithmetic
+from entroflow.data.answers import is_correct
 
 log = logging.getLogger(__name__)
 

@@ -130,7 +130,7 @@ def convert_gguf(file: Path, out_dir: str | Path) -> None:
 def load_tokenizer(path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    from entroflow.model_folder import check_model_folder, check_vocab_fits
+    from entroflow.lm.model_folder import check_model_folder, check_vocab_fits
 
     config = check_model_folder(path)
     try:
@@ -152,7 +152,7 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from entroflow.model_folder import check_model_folder
+    from entroflow.lm.model_folder import check_model_folder
 
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype '{dtype}'; available: {', '.join(DTYPES)}")

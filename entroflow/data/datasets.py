@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from entroflow import arithmetic
+from entroflow.data import arithmetic
 from entroflow.errors import EntroflowError, first_line
 from entroflow.io import atomic_temp
 

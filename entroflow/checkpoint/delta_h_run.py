@@ -27,20 +27,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from entroflow import delta_h_stats as st
-from entroflow.adam import AdamStep, replay_adamw
-from entroflow.delta_h import (
+from entroflow.engines import SamplingParams
+from entroflow.engines.hf import HFEngine
+from entroflow.estimators import delta_h_stats as st
+from entroflow.estimators.adam import AdamStep, replay_adamw
+from entroflow.estimators.delta_h import (
     fit_loglog,
     functional_values,
     rl_loss,
     score_sequences,
     shifted,
 )
-from entroflow.engines import SamplingParams
-from entroflow.engines.hf import HFEngine
 from entroflow.io import TokenTable, flatten
-from entroflow.pipeline import generation_table
-from entroflow.tangents import ScoresWithTangent, score_with_tangent
+from entroflow.lm.tangents import ScoresWithTangent, score_with_tangent
+from entroflow.tokens.pipeline import generation_table
 from entroflow.training.rewards import correctness_rewards, format_rewards, group_advantages
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from entroflow.entropy import entropy_and_logprob
-from entroflow.fused_entropy import INT32_LIMIT, fused_entropy_and_logprob, fused_supported
 from entroflow.journal import BatchJournal, load_or_compute
+from entroflow.lm.entropy import entropy_and_logprob
+from entroflow.lm.fused_entropy import INT32_LIMIT, fused_entropy_and_logprob, fused_supported
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from entroflow.scoring import batch_scores, token_budget_batches, unwrap_peft
+from entroflow.lm.scoring import batch_scores, token_budget_batches, unwrap_peft
 
 
 class PerSampleGrads:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from entroflow.answers import is_correct
+from entroflow.data.answers import is_correct
 from entroflow.engines import Engine, SamplingParams
 
 log = logging.getLogger(__name__)

@@ -20,10 +20,15 @@ import h5py
 import numpy as np
 import torch
 
-from entroflow.adam import dot
-from entroflow.delta_h import entropy_gradient, score_sequences
-from entroflow.delta_h_run import RunShape, replay_step
-from entroflow.fisher import flatten_blocks, jl_sketch, kernel_delta_h, sequence_gradients
+from entroflow.checkpoint.delta_h_run import RunShape, replay_step
+from entroflow.estimators.adam import dot
+from entroflow.estimators.delta_h import entropy_gradient, score_sequences
+from entroflow.estimators.fisher import (
+    flatten_blocks,
+    jl_sketch,
+    kernel_delta_h,
+    sequence_gradients,
+)
 from entroflow.io import TokenTable
 
 log = logging.getLogger(__name__)

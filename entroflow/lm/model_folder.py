@@ -13,7 +13,7 @@ import json
 import struct
 from pathlib import Path
 
-from entroflow.models import ModelError
+from entroflow.lm.models import ModelError
 
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from entroflow.scoring import batch_scores, token_budget_batches
+from entroflow.lm.scoring import batch_scores, token_budget_batches
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from entroflow.errors import EntroflowError
-from entroflow.models import load_model
+from entroflow.lm.models import load_model
 
 STEP = re.compile(r"checkpoint-(\d+)$")
 # Written next to optimizer.pt by entroflow's trainer: the parameter names in the optimizer's order.

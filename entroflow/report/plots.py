@@ -365,7 +365,7 @@ def fisher_figure(files: list, path) -> None:
 
 def temperature_sweep_figure(table: pd.DataFrame, path, title: str = "") -> None:
     """Heat-maps of Avg@1 and Pass@k_max over T_high (rows) x T_low (columns)."""
-    from entroflow.sweep import metric_grid
+    from entroflow.eval.sweep import metric_grid
 
     ks = sorted(int(c.split("@")[1]) for c in table.columns if c.startswith("pass@"))
     metrics = ["avg@1" if "avg@1" in table else f"pass@{ks[0]}", f"pass@{ks[-1]}"]

@@ -1,0 +1,1 @@
+"""Checkpoint stages: the ΔH estimate and the Fisher kernel of a training run's checkpoints."""

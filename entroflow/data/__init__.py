@@ -1,0 +1,1 @@
+"""Problem sets: dataset presets and Parquet files, the arithmetic generator, answer checking."""

@@ -1,0 +1,1 @@
+"""Figures and the experiment summary, from the files earlier rules wrote."""

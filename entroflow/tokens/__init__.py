@@ -1,0 +1,1 @@
+"""Token-level stages: generate and score responses into token tables, gather, analyse."""

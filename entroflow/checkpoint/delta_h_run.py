@@ -395,7 +395,7 @@ def estimate_delta_h(
     u_responses = [g.token_ids for g in u_keep]
     step = replay_step(model, u_prompts, u_responses, advantages[kept], run, adam_state, pad, accum)
     v = step.direction
-    cov_per_token = covariance_predictor_replicates(
+    cov_per_unit = covariance_predictor_replicates(
         model, u_prompts, u_responses, u_keep, advantages[kept], v, run, settings, pad, accum
     )
 
@@ -422,7 +422,7 @@ def estimate_delta_h(
     batch.add(e_gens, *_tangents(clock, score_first, model, step), values=e_scores)
     first = batch.arrays()
     # Per-token change (Cui et al.); the sequence functional Σ_t H_t sums it over a response.
-    cov_per_token *= 1.0 if per_token else float(first.lengths.mean())
+    cov_per_unit *= 1.0 if per_token else float(first.lengths.mean())
 
     # The η sweep on the first draws: θ ± ηv, the same sequences.
     etas = np.asarray(settings.eta_scale, dtype=np.float64) * step.lr
@@ -442,7 +442,7 @@ def estimate_delta_h(
     # More responses per prompt while ΔH at η = lr is wider than the target (doubling, capped).
     samples = 1
     while True:
-        est, slopes = sweep_estimates(batch, sweep_arrays, etas, cov_per_token, settings, per_token)
+        est, slopes = sweep_estimates(batch, sweep_arrays, etas, cov_per_unit, settings, per_token)
         half = relative_half_width(est, at_lr)
         log.info(
             "E-batch %d responses (%d per prompt): ΔH(lr) %+.4g, 95%% half-width %.0f%% of |ΔH|",

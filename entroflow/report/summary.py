@@ -111,17 +111,14 @@ def delta_h_summary(path: str | Path) -> dict:
     with h5py.File(path, "r") as f:
         i = _at_lr(f)
         out = {"eta": float(f["eta"][i]), "stderr": float(f["stderr"][i])}
-        for name in INTERVALS:
+        for name in (*INTERVALS, "relative_error"):
             if name in f:
                 out[name] = float(f[name][i])
-            if name + "_ci" in f:  # null where there is none (one U group for the predictor)
+            # Null bounds where there are none: one U group for the covariance predictor, and
+            # Fieller's unbounded set for the relative error where ΔH's interval holds zero.
+            if name + "_ci" in f:
                 bounds = [float(x) for x in f[name + "_ci"][i]]
                 out[name + "_ci"] = bounds if np.isfinite(bounds).all() else None
-        if "relative_error" in f:
-            out["relative_error"] = float(f["relative_error"][i])
-            # Fieller's set is unbounded where ΔH's interval holds zero: null bounds.
-            bounds = [float(x) for x in f["relative_error_ci"][i]]
-            out["relative_error_ci"] = bounds if np.isfinite(bounds).all() else None
         if "verdict_at_lr" in f.attrs:
             out["verdict"] = str(f.attrs["verdict_at_lr"])
         for key in ("e_responses", "relative_half_width_at_lr"):

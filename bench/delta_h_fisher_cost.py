@@ -10,16 +10,15 @@ Uses a checkpoint and its ΔH file (`make demo` makes both). Prints:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
 
+from entroflow.checkpoint.delta_h_result import DeltaHResult
 from entroflow.checkpoint.fisher_run import batch_sequences
 from entroflow.estimators.delta_h import score_sequences, shifted
 from entroflow.estimators.fisher import sequence_gradients
-from entroflow.io import read_token_file
 from entroflow.lm.checkpoints import load_policy
 from entroflow.lm.models import load_tokenizer
 
@@ -42,11 +41,11 @@ def main() -> None:
     args = parser.parse_args()
     ckpt = f"{args.run_dir}/checkpoint-{args.step}"
     dh_path = f"{args.run_dir}/delta_h/checkpoint-{args.step}.h5"
-    settings = json.loads(read_token_file(dh_path, groups=[""]).attrs["settings"])
-    etas = settings["delta_h"]["eta_scale"]
+    delta_h = DeltaHResult.read(dh_path)
+    etas = delta_h.settings["delta_h"]["eta_scale"]
     tokenizer = load_tokenizer(args.model)
     model = load_policy(args.model, ckpt, merge=False)
-    e_batch = read_token_file(dh_path, root="e_batch")
+    e_batch = delta_h.e_batch
     # The sweep's sequences: the first 256 first draws (the Fisher kernel's evaluation rows).
     first = np.flatnonzero(e_batch["responses/sample_index"] == 0)[:256]
     prompts, responses = batch_sequences(e_batch, first)

@@ -16,20 +16,19 @@ import argparse
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from entroflow.checkpoint.delta_h_result import DeltaHResult
 from entroflow.estimators import delta_h_stats as st
 
 
 def decompose(path: Path) -> dict:
-    with h5py.File(path, "r") as f:
-        offsets = f["e_batch/responses/offsets"][:]
-        tokens = {
-            k: f["e_batch/tokens"][k][:] for k in ("entropy", "logprob", "d_entropy", "d_logprob")
-        }
-        prompt = f["e_batch/responses/prompt_index"][:]
-        eta, nonlinearity = f["eta"][:], f["nonlinearity"][:]
+    result = DeltaHResult.read(path)
+    e_batch = result.e_batch
+    offsets = e_batch["responses/offsets"]
+    tokens = {k: e_batch["tokens/" + k] for k in ("entropy", "logprob", "d_entropy", "d_logprob")}
+    prompt = e_batch["responses/prompt_index"]
+    eta, nonlinearity = result.estimates.eta, result.estimates.nonlinearity.value
     rows = {k: np.split(v.astype(np.float64), offsets[1:-1]) for k, v in tokens.items()}
     arrays = st.TokenArrays.from_lists(rows["entropy"], rows["logprob"])
     tangent = st.Tangent.from_lists(rows["d_entropy"], rows["d_logprob"], arrays.mask.shape[1])

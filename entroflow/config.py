@@ -66,6 +66,15 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
+def schema_defaults(*path: str) -> dict:
+    """The schema's defaults of one section's keys, e.g. `schema_defaults("runs", "*", "delta_h")`
+    ("*" steps into a named entry): the one source of a stage's settings defaults."""
+    node = load_schema()
+    for key in path:
+        node = node["additionalProperties"] if key == "*" else node["properties"][key]
+    return {k: sub["default"] for k, sub in node["properties"].items() if "default" in sub}
+
+
 def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Validate in place (defaults filled) and check names refer to existing entries."""
     schema = schema or load_schema()

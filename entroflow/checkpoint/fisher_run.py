@@ -1,47 +1,97 @@
-"""The per-checkpoint Fisher-kernel stage, on the ΔH stage's E- and U-batches and update.
+"""The per-checkpoint Fisher-kernel stage, on the ΔH stage's batches and stored update.
 
-1. Replay the update (same U-batch, same AdamW state) for P = 1 / D.
+1. Read the ΔH file: E-batch first draws, the U-batch's kept sequences and advantages, Adam's
+   D of the replayed step (P = 1 / D), and the first-order tangents along its gradient part.
 2. Stream √P ⊙ ∇S of every E and U sequence to an HDF5 gradient store, row batch by row batch
    (chunked by column blocks), and project each row with a seeded JL matrix on the way.
 3. Accumulate K = G_E G_Uᵀ over column blocks read back from the store (peak memory: one block).
-4. Check the reconstruction identity: K's coefficient-weighted row sums against the aggregate
-   first-order δH (surprisal estimator, gradient part), and the sketch's error against K.
+4. Check the reconstruction identity: K's coefficient-weighted row sums (backward mode, this
+   stage) against the ΔH stage's δH₁ gradient part for the surprisal estimator on the same E
+   sequences (forward mode); and the sketch's error against K.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from entroflow.checkpoint.delta_h_run import RunShape, replay_step
-from entroflow.estimators.adam import dot
-from entroflow.estimators.delta_h import entropy_gradient, score_sequences
+from entroflow.checkpoint.delta_h_result import DeltaHResult
+from entroflow.checkpoint.settings import FisherSettings, RunShape
+from entroflow.estimators import delta_h_stats as st
 from entroflow.estimators.fisher import (
     flatten_blocks,
     jl_sketch,
     kernel_delta_h,
     sequence_gradients,
 )
-from entroflow.io import TokenTable
+from entroflow.io import TokenTable, read_token_file, write_token_file
 
 log = logging.getLogger(__name__)
+KERNEL_ARRAYS = (  # FisherResult's array fields: the file's root datasets, same names
+    "K",
+    "K_sketch",
+    "e_dataset_index",
+    "u_dataset_index",
+    "e_length",
+    "u_length",
+    "u_advantage",
+    "u_reward",
+    "e_logprob_sum",
+    "u_contribution",
+    "singular_values",
+)
 
 
 @dataclass
-class FisherSettings:
-    block: int = 65536  # parameter columns per block (peak memory ~ (N_E + N_U) x block x 4 bytes)
-    gradient_dtype: str = "float32"  # float32 | float16 in the gradient store
-    sketch_dim: int = 256  # JL dimension k (0: no sketch)
-    seed: int = 0
-    max_tokens_per_batch: int = 4096
-    e_responses: int = 256  # evaluation sequences: the E-batch's first draws (one per prompt)
+class FisherResult:
+    """fisher/checkpoint-{step}/kernel.h5: the kernel, its sequences' metadata, its checks."""
+
+    K: np.ndarray  # (N_E, N_U) Adam-preconditioned Fisher kernel ⟨√P∇S_e, √P∇S_u⟩
+    K_sketch: np.ndarray  # (N_E, N_U) the JL sketch's estimate of K (zeros without a sketch)
+    e_dataset_index: np.ndarray  # (N_E,) problem row of each E sequence
+    u_dataset_index: np.ndarray  # (N_U,)
+    e_length: np.ndarray  # (N_E,) response tokens
+    u_length: np.ndarray  # (N_U,)
+    u_advantage: np.ndarray  # (N_U,)
+    u_reward: np.ndarray  # (N_U,)
+    e_logprob_sum: np.ndarray  # (N_E,) S(y) at θ
+    u_contribution: np.ndarray  # (N_U,) each training sequence's share of the identity
+    singular_values: np.ndarray  # (min(N_E, N_U),)
+    identity_from_kernel: float  # δH₁'s gradient part per unit η (surprisal), from K's row sums
+    identity_from_delta_h: float  # ... the ΔH stage's forward-mode value, same E sequences
+    identity_relative_error: float
+    sketch_dim: int
+    sketch_relative_error: float  # ‖K_sketch - K‖ / ‖K‖ (NaN without a sketch)
+    parameters: int  # columns of the gradient store (trainable parameters)
+    gradient_seconds: float
+    kernel_seconds: float
+    sequences_per_second: float
+    checkpoint: str = ""
+    step: int = -1
+    settings: dict = field(default_factory=dict)
+
+    def write(self, path: str | os.PathLike) -> None:
+        fields = dataclasses.asdict(self)
+        arrays = {k: fields.pop(k) for k in KERNEL_ARRAYS}
+        attrs = {**fields, "settings": json.dumps(self.settings)}
+        write_token_file(path, TokenTable(groups={"": arrays}, attrs=attrs))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> FisherResult:
+        table = read_token_file(path, groups=[""])
+        names = {f.name for f in dataclasses.fields(cls)}
+        attrs = {k: v for k, v in table.attrs.items() if k in names}
+        attrs["settings"] = json.loads(attrs.get("settings") or "{}")
+        return cls(**{k: table.groups[""][k] for k in KERNEL_ARRAYS}, **attrs)
 
 
 def batch_sequences(table: TokenTable, rows: np.ndarray | None = None):
@@ -101,108 +151,138 @@ def kernel_from_store(store: h5py.File, block: int) -> np.ndarray:
     return k
 
 
-def fisher_kernel_stage(
-    model,
-    tokenizer,
-    e_batch: TokenTable,
-    u_batch: TokenTable,
-    adam_state,
-    run: RunShape,
-    settings: FisherSettings,
-    store_path: str | os.PathLike,
-) -> tuple[dict, dict]:
-    """Returns (datasets for kernel.h5, summary attributes). The gradient store stays at store_path."""
-    t0 = time.perf_counter()
-    pad = tokenizer.pad_token_id
-    accum = torch.float64
+def loss_coefficients(run: RunShape, advantages: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """c_i of the RL loss L = -Σ_i c_i S_i over the kept U sequences (estimators.delta_h.rl_loss)."""
+    if run.algorithm == "grpo":
+        return advantages / (len(advantages) * lengths)
+    return advantages / (len(advantages) * run.max_new_tokens)
+
+
+def identity_reference(e_batch: TokenTable, e_rows: np.ndarray) -> tuple[float, np.ndarray]:
+    """The ΔH stage's first order along the update's gradient part for the surprisal estimator
+    (leave-one-out baseline, per sequence) on the kernel's E sequences, and their S(y)."""
+    logprob = [e_batch.response_tokens(int(i), "logprob").astype(np.float64) for i in e_rows]
+    d_logprob = [e_batch.response_tokens(int(i), "d_logprob_gradient_part") for i in e_rows]
+    arrays = st.TokenArrays.from_lists(logprob, logprob)  # the surprisal uses no entropies
+    tangent = st.Tangent.from_lists(d_logprob, d_logprob, arrays.mask.shape[1])
+    ones = np.ones((1, len(e_rows)))
+    slope = st.first_order_slope(arrays, tangent, ones, "surprisal", per_token=False)
+    return float(slope[0]), arrays.logprob.sum(1)
+
+
+@dataclass
+class KernelSequences:
+    """The kernel's rows and columns: E first draws and kept U sequences, from the ΔH file."""
+
+    e_rows: np.ndarray  # (N_E,) responses of the E-batch table
+    u_rows: np.ndarray  # (N_U,) kept responses of the U-batch table
+    e_prompts: list
+    e_responses: list
+    u_prompts: list
+    u_responses: list
+
+    @classmethod
+    def from_delta_h(cls, delta_h: DeltaHResult, e_responses: int) -> KernelSequences:
+        e_batch, u_batch = delta_h.e_batch, delta_h.u_batch
+        u_rows = np.flatnonzero(u_batch["responses/kept"] == 1)
+        # The ΔH stage may draw several responses per prompt; the kernel takes first draws only.
+        e_rows = np.flatnonzero(e_batch["responses/sample_index"] == 0)[:e_responses]
+        return cls(
+            e_rows, u_rows, *batch_sequences(e_batch, e_rows), *batch_sequences(u_batch, u_rows)
+        )
+
+
+def preconditioner_sqrt(model, delta_h: DeltaHResult) -> dict[str, torch.Tensor]:
+    """√P = D^(-1/2) per trainable parameter, D from the ΔH stage's replayed step."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    kept = np.flatnonzero(u_batch["responses/kept"] == 1)
-    advantages = u_batch["responses/advantage"][kept].astype(np.float64)
-    u_prompts, u_responses = batch_sequences(u_batch, kept)
-    # The ΔH stage may draw several responses per prompt; the kernel takes first draws only.
-    e_rows = np.flatnonzero(e_batch["responses/sample_index"] == 0)[: settings.e_responses]
-    e_prompts, e_responses = batch_sequences(e_batch, e_rows)
-    step = replay_step(model, u_prompts, u_responses, advantages, run, adam_state, pad, accum)
-    sqrt_p = {n: step.denominator[n].double().rsqrt() for n in names}
+    missing = sorted(set(names) - set(delta_h.denominator))
+    if missing:
+        raise ValueError(
+            f"the ΔH file has no update for {len(missing)} parameters, e.g. {missing[0]}"
+        )
+    return {n: torch.as_tensor(delta_h.denominator[n]).double().rsqrt() for n in names}
 
-    # The aggregate first order (surprisal, gradient part) without the kernel.
-    e_scores = score_sequences(
-        model,
-        e_prompts,
-        e_responses,
-        pad_token_id=pad,
-        temperature=run.temperature,
-        accum_dtype=accum,
-    )
-    ones = np.ones(len(e_prompts))
-    grad_h = entropy_gradient(
-        model, e_scores, ones, "surprisal", per_token=False, leave_one_out=True
-    )
-    aggregate = dot(grad_h, step.gradient_part)
-    s_eval = np.array([float(lp.detach().sum()) for lp in e_scores.logprob])
 
+def gradient_kernel(model, seqs: KernelSequences, sqrt_p, settings, pad, temperature, store_path):
+    """(K, E sketch, U sketch, parameters, gradient seconds, kernel seconds)."""
+    t0 = time.perf_counter()
+    names = list(sqrt_p)
+    stream = dict(settings=settings, pad=pad, temperature=temperature)
     Path(store_path).parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(store_path, "w") as store:
         sk_e = stream_gradients(
-            model, e_prompts, e_responses, names, sqrt_p, store, "e", settings, pad, run.temperature
+            model, seqs.e_prompts, seqs.e_responses, names, sqrt_p, store, "e", **stream
         )
         sk_u = stream_gradients(
-            model, u_prompts, u_responses, names, sqrt_p, store, "u", settings, pad, run.temperature
+            model, seqs.u_prompts, seqs.u_responses, names, sqrt_p, store, "u", **stream
         )
         t_grad = time.perf_counter() - t0
         kernel = kernel_from_store(store, settings.block)
         n_params = store["e"].shape[1]
-    t_kernel = time.perf_counter() - t0 - t_grad
+    return kernel, sk_e, sk_u, int(n_params), t_grad, time.perf_counter() - t0 - t_grad
 
-    state = adam_state[names[0]]
-    beta1, t_next = state["betas"][0], float(state.get("step", 0)) + 1
-    adam_factor = (1 - beta1) / (1 - beta1**t_next)
-    u_lengths = np.array([len(r) for r in u_responses], dtype=np.float64)
-    if run.algorithm == "grpo":
-        coefficients = advantages / (len(kept) * u_lengths)
-    else:
-        coefficients = advantages / (len(kept) * run.max_new_tokens)
-    from_kernel, contributions = kernel_delta_h(
-        torch.as_tensor(kernel), s_eval, coefficients, adam_factor
+
+def sketch_error(kernel: np.ndarray, sketch: np.ndarray | None) -> float:
+    """‖K_sketch - K‖ / ‖K‖ (NaN without a sketch)."""
+    if sketch is None:
+        return float("nan")
+    return float(np.linalg.norm(sketch - kernel) / max(np.linalg.norm(kernel), 1e-300))
+
+
+def fisher_kernel_stage(
+    model,
+    tokenizer,
+    delta_h: DeltaHResult,
+    run: RunShape,
+    settings: FisherSettings,
+    store_path: str | os.PathLike,
+) -> FisherResult:
+    """The kernel of one checkpoint; the gradient store stays at store_path."""
+    e_batch, u_batch = delta_h.e_batch, delta_h.u_batch
+    seqs = KernelSequences.from_delta_h(delta_h, settings.e_responses)
+    sqrt_p = preconditioner_sqrt(model, delta_h)
+    reference, s_eval = identity_reference(e_batch, seqs.e_rows)
+    kernel, sk_e, sk_u, n_params, t_grad, t_kernel = gradient_kernel(
+        model, seqs, sqrt_p, settings, tokenizer.pad_token_id, run.temperature, store_path
     )
-    rel_error = abs(from_kernel - aggregate) / max(abs(aggregate), 1e-300)
+    advantages = u_batch["responses/advantage"][seqs.u_rows].astype(np.float64)
+    u_lengths = np.array([len(r) for r in seqs.u_responses], dtype=np.float64)
+    from_kernel, contributions = kernel_delta_h(
+        torch.as_tensor(kernel),
+        s_eval,
+        loss_coefficients(run, advantages, u_lengths),
+        delta_h.adam_gradient_factor,
+    )
+    rel_error = abs(from_kernel - reference) / max(abs(reference), 1e-300)
     log.info(
-        "reconstruction identity: kernel row sums %.6g vs aggregate δH₁ %.6g (relative error %.2e)",
+        "reconstruction identity: kernel row sums %.6g vs the ΔH stage's δH₁ %.6g (relative "
+        "error %.2e)",
         from_kernel,
-        aggregate,
+        reference,
         rel_error,
     )
-
-    sketch_kernel = sk_e @ sk_u.T if settings.sketch_dim else np.zeros_like(kernel)
-    sketch_error = (
-        float(np.linalg.norm(sketch_kernel - kernel) / max(np.linalg.norm(kernel), 1e-300))
-        if settings.sketch_dim
-        else float("nan")
+    sketch = sk_e @ sk_u.T if settings.sketch_dim else None
+    e_pidx = e_batch["responses/prompt_index"][seqs.e_rows]
+    u_pidx = u_batch["responses/prompt_index"][seqs.u_rows]
+    return FisherResult(
+        K=kernel,
+        K_sketch=np.zeros_like(kernel) if sketch is None else sketch,
+        e_dataset_index=e_batch["prompts/dataset_index"][e_pidx].astype(np.int32),
+        u_dataset_index=u_batch["prompts/dataset_index"][u_pidx].astype(np.int32),
+        e_length=np.array([len(r) for r in seqs.e_responses], dtype=np.int32),
+        u_length=u_lengths.astype(np.int32),
+        u_advantage=advantages,
+        u_reward=u_batch["responses/reward"][seqs.u_rows].astype(np.float64),
+        e_logprob_sum=s_eval,
+        u_contribution=contributions,
+        singular_values=np.linalg.svd(kernel, compute_uv=False),
+        identity_from_kernel=from_kernel,
+        identity_from_delta_h=reference,
+        identity_relative_error=rel_error,
+        sketch_dim=settings.sketch_dim,
+        sketch_relative_error=sketch_error(kernel, sketch),
+        parameters=n_params,
+        gradient_seconds=t_grad,
+        kernel_seconds=t_kernel,
+        sequences_per_second=(len(seqs.e_rows) + len(seqs.u_rows)) / max(t_grad, 1e-9),
     )
-    e_pidx = e_batch["responses/prompt_index"][e_rows]
-    u_pidx = u_batch["responses/prompt_index"][kept]
-    datasets = {
-        "K": kernel,
-        "K_sketch": sketch_kernel,
-        "e_dataset_index": e_batch["prompts/dataset_index"][e_pidx].astype(np.int32),
-        "u_dataset_index": u_batch["prompts/dataset_index"][u_pidx].astype(np.int32),
-        "e_length": np.array([len(r) for r in e_responses], dtype=np.int32),
-        "u_length": u_lengths.astype(np.int32),
-        "u_advantage": advantages,
-        "u_reward": u_batch["responses/reward"][kept].astype(np.float64),
-        "e_logprob_sum": s_eval,
-        "u_contribution": contributions,
-        "singular_values": np.linalg.svd(kernel, compute_uv=False),
-    }
-    summary = {
-        "identity_from_kernel": from_kernel,
-        "identity_aggregate": aggregate,
-        "identity_relative_error": rel_error,
-        "sketch_dim": settings.sketch_dim,
-        "sketch_relative_error": sketch_error,
-        "parameters": int(n_params),
-        "gradient_seconds": t_grad,
-        "kernel_seconds": t_kernel,
-        "sequences_per_second": (len(e_prompts) + len(kept)) / max(t_grad, 1e-9),
-    }
-    return datasets, summary

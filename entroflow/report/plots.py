@@ -208,39 +208,39 @@ def training_curves(rows: list[dict], path, title: str = "") -> None:
     _save(fig, path)
 
 
-DELTA_H_PREDICTORS = (  # (dataset, label): every predictor with a `_ci`, the ground truth first
-    ("delta_h_true", "ΔH ground truth (control variate)"),
-    ("delta_h_snis", "ΔH plain SNIS (baseline)"),
-    ("delta_h_first_order", "δH₁ first order"),
-    ("delta_h_first_order_gradient_part", "δH₁ gradient part"),
-    ("delta_h_first_order_remainder", "δH₁ momentum + decay"),
-    ("delta_h_cov", "covariance predictor (Cui et al.)"),
+DELTA_H_PREDICTORS = (  # (Estimates field, label): every interval, the ground truth first
+    ("truth", "ΔH ground truth (control variate)"),
+    ("snis", "ΔH plain SNIS (baseline)"),
+    ("first_order", "δH₁ first order"),
+    ("first_order_gradient_part", "δH₁ gradient part"),
+    ("first_order_remainder", "δH₁ momentum + decay"),
+    ("covariance", "covariance predictor (Cui et al.)"),
     ("nonlinearity", "nonlinearity ΔH - ηH'(0)"),
 )
 
 
-def _at_lr(t) -> int:
-    return int(np.argmin(np.abs(t.groups[""]["eta"] / t.attrs["lr"] - 1.0)))
-
-
-def _ci_bar(ax, x, e, name, i, **kw):
-    lo, hi = e[name + "_ci"][i]
-    value = e[name][i]
+def _ci_bar(ax, x, interval, i, **kw):
+    value, lo, hi = interval.at(i)
     ax.errorbar(x, value, yerr=[[value - lo], [hi - value]], capsize=3, **kw)
 
 
-def delta_h_figures(files: list, loglog_path, first_order_path, checkpoints_path) -> None:
-    """ΔH files of one run (TokenTable with the estimates at the root, attrs with step and lr)."""
-    files = sorted(files, key=lambda t: t.attrs["step"])
-    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(files)))
+def delta_h_figures(results: list, loglog_path, first_order_path, checkpoints_path) -> None:
+    """The figures of one run's ΔH results (checkpoint.delta_h_result.DeltaHResult)."""
+    results = sorted(results, key=lambda r: r.step)
+    delta_h_per_unit_step_figure(results, loglog_path)
+    delta_h_predictors_figure(results, first_order_path)
+    delta_h_checkpoints_figure(results, checkpoints_path)
 
-    # 1. ΔH(η) per unit step (η / lr) with its interval: flat where the change is linear in η,
-    # at the level of δH₁ (its interval shaded) where the first order holds.
+
+def delta_h_per_unit_step_figure(results: list, path) -> None:
+    """ΔH(η) per unit step (η / lr) with its interval: flat where the change is linear in η,
+    at the level of δH₁ (its interval shaded) where the first order holds."""
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(results)))
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for j, (t, c) in enumerate(zip(files, colours, strict=True)):
-        e, lr = t.groups[""], t.attrs["lr"]
-        x = e["eta"] / lr
-        y, ci = e["delta_h_true"] / x, e["delta_h_true_ci"] / x[:, None]
+    for j, (r, c) in enumerate(zip(results, colours, strict=True)):
+        e = r.estimates
+        x = e.eta / r.lr
+        y, ci = e.truth.value / x, e.truth.ci / x[:, None]
         ax.errorbar(
             x * (1 + 0.04 * (j - 1)),  # side by side
             y,
@@ -249,14 +249,14 @@ def delta_h_figures(files: list, loglog_path, first_order_path, checkpoints_path
             color=c,
             ms=4,
             capsize=2,
-            label=f"step {t.attrs['step']}: ΔH / (η/lr), 95% CI; line: δH₁ at lr "
-            f"(verdict: {t.attrs['verdict_at_lr']})",
+            label=f"step {r.step}: ΔH / (η/lr), 95% CI; line: δH₁ at lr "
+            f"(verdict: {r.verdict_at_lr})",
         )
-        first, first_ci = e["delta_h_first_order"] / x, e["delta_h_first_order_ci"] / x[:, None]
+        first, first_ci = e.first_order.value / x, e.first_order.ci / x[:, None]
         ax.plot(x, first, "--", color=c, lw=1)
         ax.fill_between(x, first_ci[:, 0], first_ci[:, 1], color=c, alpha=0.08, lw=0)
     ax.set_xscale("log")
-    ticks = files[0].groups[""]["eta"] / files[0].attrs["lr"]
+    ticks = results[0].estimates.eta / results[0].lr
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axhline(0, color="grey", lw=0.5)
@@ -264,76 +264,75 @@ def delta_h_figures(files: list, loglog_path, first_order_path, checkpoints_path
     ax.set_ylabel("ΔH(η) / (η / lr)  (nats per training step)")
     ax.legend(fontsize=7)
     ax.set_title("entropy change of one update step, per unit step", fontsize=10)
-    _save(fig, loglog_path)
+    _save(fig, path)
 
-    # 2. Per checkpoint at η = lr: every predictor with its interval against the ground truth.
-    fig, axes = plt.subplots(1, len(files), figsize=(4.2 * len(files), 4), squeeze=False)
-    for ax, t in zip(axes[0], files, strict=True):
-        e, i = t.groups[""], _at_lr(t)
-        lo, hi = e["delta_h_true_ci"][i]
+
+def delta_h_predictors_figure(results: list, path) -> None:
+    """Per checkpoint at η = lr: every predictor with its interval against the ground truth."""
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        e, i = r.estimates, r.at_lr
+        value, lo, hi = e.truth.at(i)
         ax.axhspan(lo, hi, color="C0", alpha=0.15, lw=0)
-        ax.axhline(e["delta_h_true"][i], color="C0", lw=1)
+        ax.axhline(value, color="C0", lw=1)
         for k, (name, label) in enumerate(DELTA_H_PREDICTORS[:-1]):
-            if name + "_ci" in e:
-                _ci_bar(ax, k, e, name, i, fmt="o", color=f"C{k}", label=label)
+            _ci_bar(ax, k, getattr(e, name), i, fmt="o", color=f"C{k}", label=label)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xticks([])
-        lo, hi = e["relative_error_ci"][i]
+        lo, hi = e.relative_error_ci[i]
         bounds = f"[{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else "(interval unbounded)"
         ax.set_title(
-            f"step {t.attrs['step']}, η = lr: {t.attrs['verdict_at_lr']}"
-            f" ({t.attrs.get('e_responses', '?')} E responses)\n"
-            f"δH₁ relative error {e['relative_error'][i]:+.2f} {bounds}",
+            f"step {r.step}, η = lr: {r.verdict_at_lr} ({r.e_responses} E responses)\n"
+            f"δH₁ relative error {e.relative_error[i]:+.2f} {bounds}",
             fontsize=8,
         )
     axes[0][0].set_ylabel("entropy change (nats), 95% intervals")
     axes[0][0].legend(fontsize=6, loc="best")
-    _save(fig, first_order_path)
+    _save(fig, path)
 
-    # 3. Across checkpoints at η = lr: the predictors and the nonlinearity, with intervals.
+
+def delta_h_checkpoints_figure(results: list, path) -> None:
+    """Across checkpoints at η = lr: the predictors and the nonlinearity, with intervals."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    steps = np.array([t.attrs["step"] for t in files], dtype=float)
+    steps = np.array([r.step for r in results], dtype=float)
     width = 0.6 * (np.diff(steps).min() if len(steps) > 1 else 1.0) / len(DELTA_H_PREDICTORS)
     for k, (name, label) in enumerate(DELTA_H_PREDICTORS):
-        for j, t in enumerate(files):
-            e = t.groups[""]
-            if name + "_ci" in e:
-                _ci_bar(
-                    ax,
-                    steps[j] + (k - len(DELTA_H_PREDICTORS) / 2) * width,
-                    e,
-                    name,
-                    _at_lr(t),
-                    fmt="os^v<>x"[k % 7],
-                    color=f"C{k}",
-                    label=label if j == 0 else None,
-                )
+        for j, r in enumerate(results):
+            _ci_bar(
+                ax,
+                steps[j] + (k - len(DELTA_H_PREDICTORS) / 2) * width,
+                getattr(r.estimates, name),
+                r.at_lr,
+                fmt="os^v<>x"[k % 7],
+                color=f"C{k}",
+                label=label if j == 0 else None,
+            )
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xticks(steps)
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel("entropy change at η = lr (nats), 95% intervals")
     ax.legend(fontsize=6)
-    _save(fig, checkpoints_path)
+    _save(fig, path)
 
 
-def fisher_figure(files: list, path) -> None:
-    """Per checkpoint (rows): K heat-map, same- vs different-prompt entries, singular values,
-    and each training sequence's contribution to δH₁ against its advantage."""
-    files = sorted(files, key=lambda t: t.attrs["step"])
-    fig, axes = plt.subplots(len(files), 4, figsize=(15, 3.2 * len(files)), squeeze=False)
-    for row, t in zip(axes, files, strict=True):
-        d = t.groups[""]
-        k = d["K"]
+def fisher_figure(results: list, path) -> None:
+    """Per checkpoint (rows, checkpoint.fisher_run.FisherResult): K heat-map, same- vs
+    different-prompt entries, singular values, and each training sequence's contribution to
+    δH₁ against its advantage."""
+    results = sorted(results, key=lambda r: r.step)
+    fig, axes = plt.subplots(len(results), 4, figsize=(15, 3.2 * len(results)), squeeze=False)
+    for row, d in zip(axes, results, strict=True):
+        k = d.K
         lim = np.abs(k).max() or 1.0
         im = row[0].imshow(k, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
         fig.colorbar(im, ax=row[0], fraction=0.046)
         row[0].set_title(
-            f"step {t.attrs['step']}: K (E x U); identity err {t.attrs['identity_relative_error']:.1e}",
+            f"step {d.step}: K (E x U); identity err {d.identity_relative_error:.1e}",
             fontsize=8,
         )
         row[0].set_xlabel("U-batch sequence")
         row[0].set_ylabel("E-batch sequence")
-        same = d["e_dataset_index"][:, None] == d["u_dataset_index"][None, :]
+        same = d.e_dataset_index[:, None] == d.u_dataset_index[None, :]
         bins = np.linspace(k.min(), k.max(), 40)
         row[1].hist(
             k[~same],
@@ -349,12 +348,10 @@ def fisher_figure(files: list, path) -> None:
         row[1].set_yscale("log")
         row[1].legend(fontsize=7)
         row[1].set_title("entries of K", fontsize=8)
-        sv = d["singular_values"]
+        sv = d.singular_values
         row[2].semilogy(np.arange(1, len(sv) + 1), sv, "o-", ms=3)
         row[2].set_title("singular values of K", fontsize=8)
-        sc = row[3].scatter(
-            d["u_advantage"], d["u_contribution"], c=d["u_length"], s=12, cmap="viridis"
-        )
+        sc = row[3].scatter(d.u_advantage, d.u_contribution, c=d.u_length, s=12, cmap="viridis")
         fig.colorbar(sc, ax=row[3], fraction=0.046, label="length")
         row[3].axhline(0, color="grey", lw=0.5)
         row[3].set_xlabel("advantage")

@@ -10,9 +10,9 @@ numbers for tests. Nothing is recomputed here: every figure is read from an exis
     trace/manifest.jsonl  a training run's reward per step: mean of the first and last k steps
     eval/table.csv        Pass@k per checkpoint
     delta_h/*.h5          per checkpoint, at η = lr: ΔH, δH₁, covariance predictor, nonlinearity
-                          with 95% intervals, and the verdict (datasets read by
-                          name; other datasets and attributes in the file are ignored)
+                          with 95% intervals, and the verdict (checkpoint.delta_h_result)
     fisher/*/kernel.h5    per checkpoint: the kernel's reconstruction-identity relative error
+                          (checkpoint.fisher_run.FisherResult)
 
 `summarize()` returns a plain dict; `markdown()` renders it; `write()` writes both files.
 """
@@ -24,9 +24,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
+
+from entroflow.checkpoint.delta_h_result import DeltaHResult
+from entroflow.checkpoint.fisher_run import FisherResult
 
 # Reasoning connectives of the arithmetic corpus (its opener, check and conclusion forks).
 CONNECTIVES = ("Wait", "So", "Thus", "Therefore", "Hence", "Let", "We", "First")
@@ -96,40 +98,40 @@ def reward_summary(rows: list[dict], k: int) -> dict:
     }
 
 
-def _at_lr(f: h5py.File) -> int:
-    """Row of the η sweep closest to η = lr (the step training takes)."""
-    eta = f["eta"][()]
-    return int(np.argmin(np.abs(np.log(eta / float(f.attrs["lr"])))))
+# summary.json key -> DeltaHResult.estimates field, each at η = lr with its 95% interval
+INTERVALS = {
+    "delta_h_true": "truth",
+    "delta_h_first_order": "first_order",
+    "delta_h_cov": "covariance",
+    "nonlinearity": "nonlinearity",
+}
 
 
-INTERVALS = ("delta_h_true", "delta_h_first_order", "delta_h_cov", "nonlinearity")
+def _bounds(lo: float, hi: float) -> list[float] | None:
+    """Null where there are none: one U group for the covariance predictor, and Fieller's
+    unbounded set for the relative error where ΔH's interval holds zero."""
+    return [lo, hi] if np.isfinite([lo, hi]).all() else None
 
 
 def delta_h_summary(path: str | Path) -> dict:
-    """At η = lr of one checkpoint's ΔH file: the ground truth, δH₁, the covariance predictor and
-    the nonlinearity, each with its 95% interval (where the file has them), and the verdict."""
-    with h5py.File(path, "r") as f:
-        i = _at_lr(f)
-        out = {"eta": float(f["eta"][i]), "stderr": float(f["stderr"][i])}
-        for name in (*INTERVALS, "relative_error"):
-            if name in f:
-                out[name] = float(f[name][i])
-            # Null bounds where there are none: one U group for the covariance predictor, and
-            # Fieller's unbounded set for the relative error where ΔH's interval holds zero.
-            if name + "_ci" in f:
-                bounds = [float(x) for x in f[name + "_ci"][i]]
-                out[name + "_ci"] = bounds if np.isfinite(bounds).all() else None
-        if "verdict_at_lr" in f.attrs:
-            out["verdict"] = str(f.attrs["verdict_at_lr"])
-        for key in ("e_responses", "relative_half_width_at_lr"):
-            if key in f.attrs:
-                out[key] = f.attrs[key].item()
+    """At η = lr of one checkpoint's ΔH result: the ground truth, δH₁, the covariance predictor
+    and the nonlinearity, each with its 95% interval, δH₁'s relative error and the verdict."""
+    result = DeltaHResult.read(path, batches=False)
+    e, i = result.estimates, result.at_lr
+    out = {"eta": float(e.eta[i]), "stderr": float(e.truth.stderr[i])}
+    for key, name in INTERVALS.items():
+        value, lo, hi = getattr(e, name).at(i)
+        out[key], out[key + "_ci"] = value, _bounds(lo, hi)
+    out["relative_error"] = float(e.relative_error[i])
+    out["relative_error_ci"] = _bounds(*(float(x) for x in e.relative_error_ci[i]))
+    out["verdict"] = result.verdict_at_lr
+    out["e_responses"] = result.e_responses
+    out["relative_half_width_at_lr"] = result.relative_half_width_at_lr
     return out
 
 
 def fisher_summary(path: str | Path) -> dict:
-    with h5py.File(path, "r") as f:
-        return {"identity_relative_error": float(f.attrs["identity_relative_error"])}
+    return {"identity_relative_error": FisherResult.read(path).identity_relative_error}
 
 
 def run_summary(files: RunFiles, k: int = 10) -> dict:
@@ -236,28 +238,35 @@ def markdown(summary: dict) -> str:
             )
             lines.append(f"- eval, checkpoint {row['step']}: {scores}")
         if run["checkpoints"]:
-            lines += [
-                "",
-                "At η = lr, 95% intervals, nats per sequence:",
-                "",
-                "| checkpoint | η = lr | E responses | ΔH ground truth | ΔH half-width (% of ΔH) |"
-                " δH₁ | covariance predictor | nonlinearity | δH₁ relative error | verdict |"
-                " Fisher identity error |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
-            ]
-            for c in run["checkpoints"]:
-                half = c.get("relative_half_width_at_lr")
-                cells = [str(c["step"]), _g(c["eta"]) if "eta" in c else "-"]
-                cells.append(f"{c['e_responses']:,}" if "e_responses" in c else "-")
-                cells.append(_with_interval(c, INTERVALS[0]))
-                cells.append(f"{100 * half:.0f}%" if half is not None else "-")
-                cells += [_with_interval(c, name) for name in INTERVALS[1:]]
-                cells.append(_with_interval(c, "relative_error"))
-                cells.append(c.get("verdict", "-"))
-                error = c.get("identity_relative_error")
-                cells.append(_g(error, 2) if error is not None else "-")
-                lines.append("| " + " | ".join(cells) + " |")
+            lines += checkpoint_table(run["checkpoints"])
     return "\n".join(lines) + "\n"
+
+
+def checkpoint_table(checkpoints: list[dict]) -> list[str]:
+    """The ΔH and Fisher figures of each checkpoint at η = lr, one Markdown row each."""
+    names = list(INTERVALS)
+    lines = [
+        "",
+        "At η = lr, 95% intervals, nats per sequence:",
+        "",
+        "| checkpoint | η = lr | E responses | ΔH ground truth | ΔH half-width (% of ΔH) |"
+        " δH₁ | covariance predictor | nonlinearity | δH₁ relative error | verdict |"
+        " Fisher identity error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in checkpoints:
+        half = c.get("relative_half_width_at_lr")
+        cells = [str(c["step"]), _g(c["eta"]) if "eta" in c else "-"]
+        cells.append(f"{c['e_responses']:,}" if "e_responses" in c else "-")
+        cells.append(_with_interval(c, names[0]))
+        cells.append(f"{100 * half:.0f}%" if half is not None else "-")
+        cells += [_with_interval(c, name) for name in names[1:]]
+        cells.append(_with_interval(c, "relative_error"))
+        cells.append(c.get("verdict", "-"))
+        error = c.get("identity_relative_error")
+        cells.append(_g(error, 2) if error is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _with_interval(entry: dict, name: str) -> str:

@@ -451,7 +451,8 @@ def test_jvp_tangents_on_lora_adapters_equal_finite_differences(lora_model):
 
 
 def test_maxent_grpo_advantages_are_listwise(lora_model):
-    from entroflow.checkpoint.delta_h_run import RunShape, u_batch_advantages
+    from entroflow.checkpoint.replay import u_batch_advantages
+    from entroflow.checkpoint.settings import RunShape
     from entroflow.training.maxent import maxent_advantages, maxent_weights
 
     model, reference = lora_model
@@ -480,13 +481,6 @@ def test_maxent_grpo_advantages_are_listwise(lora_model):
 def scores_of(model, prompts, responses):
     sc = score_sequences(model, prompts, responses, pad_token_id=PAD, temperature=1.0)
     return np.array([float(lp.sum()) for lp in sc.logprob])
-
-
-def test_maxent_state_file_is_the_trainers():
-    from entroflow.checkpoint.delta_h_run import MAXENT_STATE_FILE
-    from entroflow.training.trainer import MAXENT_STATE_FILE as written
-
-    assert written == MAXENT_STATE_FILE
 
 
 def test_covariance_predictor_is_exact_for_tabular_natural_pg():

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from entroflow.checkpoint.fisher_run import KERNEL_ARRAYS, FisherResult
 from entroflow.report.summary import RunFiles, delta_h_summary, markdown, summarize, write
+from tests.unit.test_checkpoint_results import delta_h_result
 
 STATS = {
     "n_tokens": 54321,
@@ -34,25 +36,8 @@ def top_tokens() -> pd.DataFrame:
     )
 
 
-def delta_h_file(path, lr, extra=True):
-    eta = np.array([0.25, 0.5, 1, 2]) * lr
-    with h5py.File(path, "w") as f:
-        f["eta"] = eta
-        f["delta_h_true"] = np.array([1.0, 2.0, 3.0, 4.0])
-        f["stderr"] = np.array([0.1, 0.2, 0.3, 0.4])
-        f["delta_h_first_order"] = np.array([1.1, 2.1, 3.1, 4.1])
-        f.attrs["lr"] = lr
-        if extra:  # intervals and the verdict; other fields are ignored
-            f["delta_h_true_ci"] = np.array([[0.8, 1.2], [1.6, 2.4], [2.4, 3.6], [3.2, 4.8]])
-            f["nonlinearity"] = np.array([0.0, 0.01, 0.02, 0.04])
-            f["nonlinearity_ci"] = np.array([[-0.1, 0.1]] * 4)
-            f.attrs["verdict_at_lr"] = "confirmed"
-            f.attrs["e_responses"] = 4096
-            f.attrs["relative_half_width_at_lr"] = 0.2
-            f["relative_error"] = np.array([0.0, 0.005, 0.007, 0.01])
-            f["relative_error_ci"] = np.array([[np.nan, np.nan]] * 2 + [[-0.1, 0.1]] * 2)
-            f.attrs["loglog_slope"] = 0.98
-            f.create_group("e_batch")["tokens"] = np.arange(3)
+def delta_h_file(path, lr, verdict="confirmed"):
+    delta_h_result(lr, verdict).write(path)
 
 
 def test_summary_reads_each_figure_from_its_file(tmp_path):
@@ -66,10 +51,18 @@ def test_summary_reads_each_figure_from_its_file(tmp_path):
         eval_table, index=False
     )
     delta_h_file(tmp_path / "d10.h5", 1e-3)
-    delta_h_file(tmp_path / "d20.h5", 1e-3, extra=False)
-    with h5py.File(tmp_path / "k10.h5", "w") as f:
-        f.attrs["identity_relative_error"] = 2.5e-9
-        f["K"] = np.zeros((2, 2))
+    delta_h_file(tmp_path / "d20.h5", 1e-3, verdict="undecided")
+    kernel = {name: np.zeros((2, 2)) for name in KERNEL_ARRAYS}
+    FisherResult(
+        **kernel,
+        **dict.fromkeys(("identity_from_kernel", "identity_from_delta_h", "kernel_seconds"), 1.0),
+        identity_relative_error=2.5e-9,
+        sketch_dim=0,
+        sketch_relative_error=np.nan,
+        parameters=4,
+        gradient_seconds=1.0,
+        sequences_per_second=1.0,
+    ).write(tmp_path / "k10.h5")
     run = RunFiles(
         "demo",
         manifest=manifest,
@@ -105,12 +98,12 @@ def test_summary_reads_each_figure_from_its_file(tmp_path):
     assert (c10["eta"], c10["delta_h_true"], c10["stderr"], c10["delta_h_first_order"]) == (
         pytest.approx(1e-3),
         3.0,
-        pytest.approx(0.3),
+        pytest.approx(0.6 / 1.96),
         pytest.approx(3.1),
     )
     assert c10["identity_relative_error"] == 2.5e-9 and "identity_relative_error" not in c20
     assert c10["delta_h_true_ci"] == [2.4, 3.6] and c10["verdict"] == "confirmed"
-    assert "verdict" not in c20 and "loglog_slope" not in c10
+    assert c20["verdict"] == "undecided" and "loglog_slope" not in c10
 
     write(summary, tmp_path / "s.json", tmp_path / "s.md")
     assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(summary))
@@ -119,10 +112,12 @@ def test_summary_reads_each_figure_from_its_file(tmp_path):
         assert text in page, text
     assert c10["relative_error_ci"] == [-0.1, 0.1] and c10["e_responses"] == 4096
     assert (
-        "| 10 | 0.00100 | 4,096 | 3.00 [2.40, 3.60] | 20% | 3.10 | - | 0.0200 [-0.100, 0.100]"
-        " | 0.00700 [-0.100, 0.100] | confirmed | 2.5e-09 |" in page
+        "| 10 | 0.00100 | 4,096 | 3.00 [2.40, 3.60] | 20% | 3.10 [2.48, 3.72] | 0.0300 (no"
+        " interval) | 0.0200 [-0.0800, 0.120] | 0.00700 [-0.100, 0.100] | confirmed | 2.5e-09 |"
+        in page
     )
-    assert "| 20 | 0.00100 | - | 3.00 | - | 3.10 | - | - | - | - | - |" in page
+    assert "| 20 | 0.00100 | 4,096 | 3.00 [2.40, 3.60] | 20% |" in page
+    assert "| undecided | - |" in page  # no Fisher file for checkpoint 20
     # Fieller's set for the relative error is unbounded where ΔH's interval holds zero.
     delta_h_file(tmp_path / "unbounded.h5", 1e-3)
     with h5py.File(tmp_path / "unbounded.h5", "a") as f:

@@ -4,6 +4,7 @@ import os
 import re
 from pathlib import Path
 
+from entroflow.checkpoint.settings import stage_params
 from entroflow.code_version import library_fingerprint
 from entroflow.config import validate_config
 from entroflow.data.datasets import resolve_entry
@@ -271,23 +272,7 @@ def get_delta_h_problems(wildcards):
 
 
 def get_delta_h_settings(wildcards):
-    entry = get_run(wildcards)
-    shape = {
-        k: entry[k]
-        for k in (
-            "algorithm",
-            "group_size",
-            "max_new_tokens",
-            "temperature",
-            "format_reward",
-        )
-    }
-    if entry["algorithm"] == "maxent_grpo":
-        shape["maxent"] = entry["maxent"]
-    settings = {
-        k: v for k, v in entry["delta_h"].items() if k not in ("enabled", "dataset")
-    }
-    return {"run": shape, "delta_h": settings}
+    return stage_params(get_run(wildcards), "delta_h")
 
 
 def get_delta_h_results(wildcards):
@@ -355,23 +340,7 @@ def get_eval_results(wildcards):
 
 
 def get_fisher_settings(wildcards):
-    entry = get_run(wildcards)
-    shape = {
-        k: entry[k]
-        for k in (
-            "algorithm",
-            "group_size",
-            "max_new_tokens",
-            "temperature",
-            "format_reward",
-        )
-    }
-    settings = {
-        k: v
-        for k, v in entry["fisher"].items()
-        if k not in ("enabled", "keep_gradients")
-    }
-    return {"run": shape, "fisher": settings}
+    return stage_params(get_run(wildcards), "fisher")
 
 
 def get_gradient_store(wildcards):

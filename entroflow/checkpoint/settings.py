@@ -1,0 +1,74 @@
+"""Settings of the checkpoint stages, their defaults read from the config schema (one source).
+
+Light on purpose (no torch): the workflow's `common.smk` builds each rule's params with
+`stage_params`, which keeps only the keys a stage uses, so changing another section of a run's
+entry does not rerun it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from entroflow.config import schema_defaults
+
+_DELTA_H = schema_defaults("runs", "*", "delta_h")
+_FISHER = schema_defaults("runs", "*", "fisher")
+
+
+@dataclass
+class DeltaHSettings:
+    """runs.<name>.delta_h in the config (see its schema for each key's meaning)."""
+
+    e_prompts: int = _DELTA_H["e_prompts"]
+    e_samples_max: int = _DELTA_H["e_samples_max"]
+    target_half_width: float = _DELTA_H["target_half_width"]
+    u_prompts: int = _DELTA_H["u_prompts"]
+    eta_scale: list[float] = field(default_factory=lambda: list(_DELTA_H["eta_scale"]))
+    estimator: str = _DELTA_H["estimator"]  # rb | surprisal
+    normalisation: str = _DELTA_H["normalisation"]  # sequence | token
+    clip: float | None = _DELTA_H["clip"]
+    bootstrap: int = _DELTA_H["bootstrap"]
+    accum_dtype: str = _DELTA_H["accum_dtype"]
+    tf32: bool = _DELTA_H["tf32"]
+    seed: int = _DELTA_H["seed"]
+
+
+@dataclass
+class FisherSettings:
+    """runs.<name>.fisher in the config, plus the scorer's batch budget (not a config key)."""
+
+    block: int = _FISHER["block"]  # parameter columns per block: peak ~ (N_E + N_U) x block x 4 B
+    gradient_dtype: str = _FISHER["gradient_dtype"]  # float32 | float16 in the gradient store
+    sketch_dim: int = _FISHER["sketch_dim"]  # JL dimension k (0: no sketch)
+    seed: int = _FISHER["seed"]
+    e_responses: int = _FISHER["e_responses"]  # the E-batch's first draws, in order
+    max_tokens_per_batch: int = 4096
+
+
+@dataclass
+class RunShape:
+    """What the update replay needs to know about the training run (keys of runs.<name>)."""
+
+    algorithm: str
+    group_size: int
+    max_new_tokens: int
+    temperature: float
+    format_reward: float
+    maxent: dict = field(default_factory=dict)  # maxent_grpo: reward_temperature, floor
+    maxent_state: dict = field(default_factory=dict)  # maxent_grpo: the checkpoint's τ, β
+
+
+def _known(cls, entry: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in entry.items() if k in names}
+
+
+def stage_params(run_entry: dict, stage: str) -> dict:
+    """{"run": the RunShape keys, stage: the stage's settings} of a validated run entry
+    (stage "delta_h" or "fisher"), as JSON-able rule params."""
+    shape = _known(RunShape, run_entry)
+    if run_entry["algorithm"] != "maxent_grpo":
+        shape.pop("maxent", None)
+    settings_class = {"delta_h": DeltaHSettings, "fisher": FisherSettings}[stage]
+    return {"run": shape, stage: _known(settings_class, run_entry[stage])}

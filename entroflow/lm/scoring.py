@@ -10,6 +10,7 @@ drift from the sampling distribution.
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -264,6 +265,34 @@ def batch_scores(
     )
 
 
+def _check_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> None:
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if any(len(p) < 1 for p in prompts):
+        raise ValueError("each prompt needs at least one token to predict the response from")
+
+
+def _scores_on_host(model, prompts, responses, **head) -> dict[str, np.ndarray]:
+    """`batch_scores` as float32 numpy arrays, the form a journal saves."""
+    entropy, logprob = batch_scores(model, prompts, responses, **head)
+    return {"entropy": entropy.float().cpu().numpy(), "logprob": logprob.float().cpu().numpy()}
+
+
+def _split_by_response(
+    saved: dict[str, np.ndarray], lengths: Sequence[int]
+) -> list[ScoredResponse]:
+    """One batch's concatenated scores cut back into its responses of `lengths` tokens."""
+    out, offset = [], 0
+    for n in lengths:
+        out.append(
+            ScoredResponse(
+                saved["entropy"][offset : offset + n], saved["logprob"][offset : offset + n]
+            )
+        )
+        offset += n
+    return out
+
+
 @torch.inference_mode()
 def score_responses(
     model: torch.nn.Module,
@@ -285,10 +314,14 @@ def score_responses(
     each batch's values are saved as soon as they exist and saved batches are not recomputed
     (the batch plan depends only on the lengths and the token budget).
     """
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    if any(len(p) < 1 for p in prompts):
-        raise ValueError("each prompt needs at least one token to predict the response from")
+    _check_pairs(prompts, responses)
+    head = dict(
+        pad_token_id=pad_token_id,
+        temperature=temperature,
+        chunk_rows=chunk_rows,
+        accum_dtype=accum_dtype,
+        head_method=head_method,
+    )
     empty = np.zeros(0, dtype=np.float32)
     results = [ScoredResponse(empty, empty) for _ in prompts]
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
@@ -298,33 +331,22 @@ def score_responses(
         scored = [i for i in batch if len(responses[i])]
         if not scored:
             continue
-
-        def compute(scored=scored):
-            entropy, logprob = batch_scores(
+        saved = load_or_compute(
+            journal,
+            index,
+            functools.partial(
+                _scores_on_host,
                 model,
                 [prompts[i] for i in scored],
                 [responses[i] for i in scored],
-                pad_token_id=pad_token_id,
-                temperature=temperature,
-                chunk_rows=chunk_rows,
-                accum_dtype=accum_dtype,
-                head_method=head_method,
-            )
-            return {
-                "entropy": entropy.float().cpu().numpy(),
-                "logprob": logprob.float().cpu().numpy(),
-            }
-
-        saved = load_or_compute(journal, index, compute)
-        entropy_np, logprob_np = saved["entropy"], saved["logprob"]
-        offset = 0
-        for i in scored:
-            n = len(responses[i])
-            results[i] = ScoredResponse(
-                entropy_np[offset : offset + n], logprob_np[offset : offset + n]
-            )
-            offset += n
-        done += offset
+                **head,
+            ),
+        )
+        for i, result in zip(
+            scored, _split_by_response(saved, [len(responses[i]) for i in scored]), strict=True
+        ):
+            results[i] = result
+        done += sum(len(responses[i]) for i in scored)
         if progress is not None:
             progress(done, total, time.perf_counter() - t0)
     return results

@@ -40,9 +40,10 @@ from entroflow.engines.static_cache import (
     free_device_bytes,
     mark_dynamic,
 )
+from entroflow.lm.batching import left_pad
 from entroflow.lm.entropy import entropy_and_logprob
 from entroflow.lm.fused_entropy import fused_supported, logits_entropy, sample_with_entropy
-from entroflow.lm.scoring import check_head, decoder_body, head_logits, left_pad, unwrap_peft
+from entroflow.lm.scoring import check_head, decoder_body, head_logits, unwrap_peft
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@
 One pass through a Hugging Face causal LM per token-budgeted batch. Only the hidden states that
 predict response tokens go through the LM head: on CUDA by the fused Triton kernel
 (`fused_entropy.py`, no logits at all), elsewhere in row chunks, so the peak extra memory is
-[chunk_rows, V] regardless of how long the responses are. Batches are left-padded with
-position ids = cumsum(attention_mask) - 1, which is what `generate` uses; without it the values
-drift from the sampling distribution.
+[chunk_rows, V] regardless of how long the responses are. Batches (`batching.py`) are
+left-padded with position ids = cumsum(attention_mask) - 1, which is what `generate` uses;
+without it the values drift from the sampling distribution.
 """
 
 from __future__ import annotations
@@ -20,6 +20,13 @@ import numpy as np
 import torch
 
 from entroflow.journal import BatchJournal, load_or_compute
+from entroflow.lm.batching import (
+    left_pad,
+    pair_batches,
+    response_rows,
+    split_by_lengths,
+    token_budget_batches,  # noqa: F401 (estimators.delta_h, training.monitor import it from here)
+)
 from entroflow.lm.entropy import entropy_and_logprob
 from entroflow.lm.fused_entropy import INT32_LIMIT, fused_entropy_and_logprob, fused_supported
 
@@ -28,40 +35,6 @@ from entroflow.lm.fused_entropy import INT32_LIMIT, fused_entropy_and_logprob, f
 class ScoredResponse:
     entropy: np.ndarray  # float32 [L]
     logprob: np.ndarray  # float32 [L]
-
-
-def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Group indices so that len(batch) * longest <= max_tokens (a single long one may exceed).
-
-    Sorted longest first so padding is small and an out-of-memory shows up on the first batch.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * longest > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def left_pad(
-    sequences: Sequence[Sequence[int]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns input_ids, attention_mask, position_ids, each (B, T)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if len(seq):
-            ids[row, width - len(seq) :] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
-            mask[row, width - len(seq) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
 
 
 def decoder_body(model: torch.nn.Module) -> torch.nn.Module:
@@ -124,20 +97,6 @@ def check_head(lm: torch.nn.Module) -> None:
             "does not know, so its entropies would be wrong. This model family is not supported."
         )
     _CHECKED_HEADS.add(lm)
-
-
-def response_rows(response_lens: Sequence[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) indices of the positions whose output predicts each response token.
-
-    Sequence b is left-padded to `width`; its response token j sits at column
-    width - L_b + j and is predicted by the column before it.
-    """
-    rows, cols = [], []
-    for b, n in enumerate(response_lens):
-        start = width - n - 1  # predicts the first response token
-        rows.append(torch.full((n,), b, dtype=torch.long))
-        cols.append(torch.arange(start, start + n, dtype=torch.long))
-    return torch.cat(rows), torch.cat(cols)
 
 
 HEAD_METHODS = ("auto", "fused", "chunked")
@@ -278,21 +237,6 @@ def _scores_on_host(model, prompts, responses, **head) -> dict[str, np.ndarray]:
     return {"entropy": entropy.float().cpu().numpy(), "logprob": logprob.float().cpu().numpy()}
 
 
-def _split_by_response(
-    saved: dict[str, np.ndarray], lengths: Sequence[int]
-) -> list[ScoredResponse]:
-    """One batch's concatenated scores cut back into its responses of `lengths` tokens."""
-    out, offset = [], 0
-    for n in lengths:
-        out.append(
-            ScoredResponse(
-                saved["entropy"][offset : offset + n], saved["logprob"][offset : offset + n]
-            )
-        )
-        offset += n
-    return out
-
-
 @torch.inference_mode()
 def score_responses(
     model: torch.nn.Module,
@@ -324,10 +268,9 @@ def score_responses(
     )
     empty = np.zeros(0, dtype=np.float32)
     results = [ScoredResponse(empty, empty) for _ in prompts]
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     total = sum(len(r) for r in responses)
     done, t0 = 0, time.perf_counter()
-    for index, batch in enumerate(token_budget_batches(lengths, max_tokens_per_batch)):
+    for index, batch in enumerate(pair_batches(prompts, responses, max_tokens_per_batch)):
         scored = [i for i in batch if len(responses[i])]
         if not scored:
             continue
@@ -342,11 +285,15 @@ def score_responses(
                 **head,
             ),
         )
-        for i, result in zip(
-            scored, _split_by_response(saved, [len(responses[i]) for i in scored]), strict=True
-        ):
-            results[i] = result
-        done += sum(len(responses[i]) for i in scored)
+        lengths = [len(responses[i]) for i in scored]
+        pieces = zip(
+            split_by_lengths(saved["entropy"], lengths),
+            split_by_lengths(saved["logprob"], lengths),
+            strict=True,
+        )
+        for i, (entropy, logprob) in zip(scored, pieces, strict=True):
+            results[i] = ScoredResponse(entropy, logprob)
+        done += sum(lengths)
         if progress is not None:
             progress(done, total, time.perf_counter() - t0)
     return results

@@ -19,8 +19,8 @@ import numpy as np
 
 from entroflow.io import TokenTable, flatten, read_token_file, str_array, tokens_frame
 from entroflow.training.traces import TraceWriter
-from entroflow.viewer.app import word_cloud_src
 from entroflow.viewer.data import EntropySource
+from entroflow.viewer.figures import word_cloud_src
 from entroflow.viewer.render import heatmap_html, token_view
 
 RESPONSES, LENGTH, VOCAB, STEPS = 16, 32_768, 151_936, 3

@@ -36,8 +36,8 @@ from entroflow.engines.base import (
     sample_jobs,
 )
 from entroflow.engines.static_decode import StaticDecoder, make_sampler, supports_static_decode
+from entroflow.lm.batching import left_pad
 from entroflow.lm.entropy import entropy_and_logprob
-from entroflow.lm.scoring import left_pad
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from entroflow.lm.scoring import batch_scores, token_budget_batches, unwrap_peft
+from entroflow.lm.batching import pair_batches
+from entroflow.lm.scoring import batch_scores, unwrap_peft
 
 
 class PerSampleGrads:
@@ -81,8 +82,7 @@ def sequence_gradients(
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yields (sequence indices, {name: (b, *shape) ∇S per sequence}) batch by batch."""
     params = dict(model.named_parameters())
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-    for batch in token_budget_batches(lengths, max_tokens_per_batch):
+    for batch in pair_batches(prompts, responses, max_tokens_per_batch):
         with PerSampleGrads(model, names) as hooks:
             # One forward in exactly this order: the hooks' batch rows are these sequences.
             _, logprob = batch_scores(

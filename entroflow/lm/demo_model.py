@@ -144,33 +144,23 @@ def greedy_accuracy(model, tokenizer, n: int, seed: int, max_new_tokens: int = 9
     return sum(is_correct(t, str(p.answer)) for t, p in zip(texts, held_out, strict=True)) / n
 
 
-def build_demo_model(out_dir: str | Path, cfg: DemoModelConfig | None = None) -> dict:
-    """Train tokenizer + model, save both to `out_dir`, return the training report."""
-    cfg = cfg or DemoModelConfig()
-    out_dir = Path(out_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
+def lr_factor(step: int, cfg: DemoModelConfig) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to `final_lr_fraction`."""
+    warmup = max(1, cfg.steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    floor = cfg.final_lr_fraction
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    tokenizer = train_tokenizer([full for _, full in corpus(4000, cfg.seed)], cfg.vocab_size)
-    model = Qwen3ForCausalLM(model_config(cfg, len(tokenizer), tokenizer))
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("tokenizer: %d tokens; model: %.2fM parameters", len(tokenizer), n_params / 1e6)
 
+def train(model, tokenizer, cfg: DemoModelConfig, t0: float) -> list[float]:
+    """`cfg.steps` AdamW steps on fresh problems (seed + 1), gradient norm clipped at 1; the
+    per-step losses. `t0` is the build's start, for the logged speed."""
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
-    warmup = max(1, cfg.steps // 20)
-
-    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to final_lr_fraction
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, cfg.steps - warmup)
-        floor = cfg.final_lr_fraction
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     data = corpus(cfg.steps * cfg.batch_size, cfg.seed + 1)
     model.train()
     losses = []
@@ -193,15 +183,36 @@ def build_demo_model(out_dir: str | Path, cfg: DemoModelConfig | None = None) ->
                 (step + 1) / elapsed,
             )
     model.eval()
-    train_seconds = time.perf_counter() - t0
-    accuracy = greedy_accuracy(model, tokenizer, cfg.eval_problems, seed=cfg.seed + 10_000)
-    log.info("greedy accuracy on %d held-out problems: %.3f", cfg.eval_problems, accuracy)
+    return losses
 
+
+def save(model, tokenizer, out_dir: Path, report: dict) -> None:
+    """The model folder: weights, generation config, tokenizer and `training_report.json`."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    (out_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def build_demo_model(out_dir: str | Path, cfg: DemoModelConfig | None = None) -> dict:
+    """Train tokenizer + model, save both to `out_dir`, return the training report."""
+    cfg = cfg or DemoModelConfig()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+
+    tokenizer = train_tokenizer([full for _, full in corpus(4000, cfg.seed)], cfg.vocab_size)
+    model = Qwen3ForCausalLM(model_config(cfg, len(tokenizer), tokenizer))
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("tokenizer: %d tokens; model: %.2fM parameters", len(tokenizer), n_params / 1e6)
+
+    losses = train(model, tokenizer, cfg, t0)
+    train_seconds = time.perf_counter() - t0
+    accuracy = greedy_accuracy(model, tokenizer, cfg.eval_problems, seed=cfg.seed + 10_000)
+    log.info("greedy accuracy on %d held-out problems: %.3f", cfg.eval_problems, accuracy)
     report = {
         "config": asdict(cfg),
         "parameters": n_params,
@@ -211,5 +222,5 @@ def build_demo_model(out_dir: str | Path, cfg: DemoModelConfig | None = None) ->
         "eval_problems": cfg.eval_problems,
         "train_seconds": round(train_seconds, 1),
     }
-    (out_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    save(model, tokenizer, Path(out_dir), report)
     return report

@@ -239,20 +239,7 @@ def merge_partials(
     return entropy, logprob
 
 
-def fused_entropy_and_logprob(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    cols_per_split: int = 4096,
-    config: tuple[int, int, int, int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Entropy and label log-prob of softmax(hidden @ weightᵀ / T) for each row, in fp32.
-
-    hidden (R, H) and weight (V, H) in the same dtype and on one device; labels (R,) or None.
-    Returns (R,) float32 tensors (log-prob None without labels).
-    """
+def _check_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> None:
     if not fused_supported(hidden.device):
         raise RuntimeError(
             "the fused entropy kernel needs CUDA and triton (or TRITON_INTERPRET=1 on CPU)"
@@ -269,28 +256,78 @@ def fused_entropy_and_logprob(
         raise ValueError(
             f"unembedding {tuple(weight.shape)} too large for the kernel's int32 offsets"
         )
+
+
+def _in_row_chunks(hidden, weight, labels, max_rows: int, **options):
+    """`fused_entropy_and_logprob` over blocks of `max_rows` rows, concatenated."""
+    parts = [
+        fused_entropy_and_logprob(
+            hidden[start : start + max_rows],
+            weight,
+            None if labels is None else labels.reshape(-1)[start : start + max_rows],
+            **options,
+        )
+        for start in range(0, len(hidden), max_rows)
+    ]
+    entropy = torch.cat([h for h, _ in parts])
+    return entropy, None if labels is None else torch.cat([lp for _, lp in parts])
+
+
+def _launch_partials(hidden, weight, labels, partial, temperature: float, tiles_per_split, config):
+    """`_partials_kernel` over (row blocks, vocabulary splits), writing partial (4, S, R)."""
+    block_m, block_n, block_k, warps, stages = config
     rows, width = hidden.shape
+    grid = (math.ceil(rows / block_m), partial.shape[1])
+    _partials_kernel[grid](
+        hidden,
+        weight,
+        labels if labels is not None else partial,
+        partial[0],
+        partial[1],
+        partial[2],
+        partial[3],
+        rows,
+        weight.shape[0],
+        width,
+        1.0 / temperature,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        tiles_per_split,
+        HAS_LABELS=labels is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        IEEE_FP32=hidden.dtype == torch.float32 or hidden.device.type == "cpu",
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+def fused_entropy_and_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    cols_per_split: int = 4096,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Entropy and label log-prob of softmax(hidden @ weightᵀ / T) for each row, in fp32.
+
+    hidden (R, H) and weight (V, H) in the same dtype and on one device; labels (R,) or None.
+    Returns (R,) float32 tensors (log-prob None without labels).
+    """
+    _check_head_inputs(hidden, weight, temperature)
+    rows = hidden.shape[0]
     max_rows = INT32_LIMIT // max(1, hidden.stride(0)) // 1024 * 1024
     if rows > max_rows:  # offsets are int32 in the kernel: score such batches in row chunks
-        parts = [
-            fused_entropy_and_logprob(
-                hidden[start : start + max_rows],
-                weight,
-                None if labels is None else labels.reshape(-1)[start : start + max_rows],
-                temperature=temperature,
-                cols_per_split=cols_per_split,
-                config=config,
-            )
-            for start in range(0, rows, max_rows)
-        ]
-        entropy = torch.cat([h for h, _ in parts])
-        return entropy, None if labels is None else torch.cat([lp for _, lp in parts])
-    vocab = weight.shape[0]
-    block_m, block_n, block_k, warps, stages = config or (
-        INTERPRETER_CONFIG if hidden.device.type == "cpu" else CUDA_CONFIG
-    )
+        options = dict(temperature=temperature, cols_per_split=cols_per_split, config=config)
+        return _in_row_chunks(hidden, weight, labels, max_rows, **options)
+    config = config or (INTERPRETER_CONFIG if hidden.device.type == "cpu" else CUDA_CONFIG)
     tiles_per_split, splits = split_vocabulary(
-        math.ceil(vocab / block_n), cols_per_split // block_n
+        math.ceil(weight.shape[0] / config[1]), cols_per_split // config[1]
     )
     partial = torch.empty((4, splits, rows), dtype=torch.float32, device=hidden.device)
     if labels is not None:
@@ -298,32 +335,7 @@ def fused_entropy_and_logprob(
         if labels.shape[0] != rows:
             raise ValueError(f"{labels.shape[0]} labels for {rows} rows")
     if rows:
-        grid = (math.ceil(rows / block_m), splits)
-        _partials_kernel[grid](
-            hidden,
-            weight,
-            labels if labels is not None else partial,
-            partial[0],
-            partial[1],
-            partial[2],
-            partial[3],
-            rows,
-            vocab,
-            width,
-            1.0 / temperature,
-            hidden.stride(0),
-            hidden.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            tiles_per_split,
-            HAS_LABELS=labels is not None,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            IEEE_FP32=hidden.dtype == torch.float32 or hidden.device.type == "cpu",
-            num_warps=warps,
-            num_stages=stages,
-        )
+        _launch_partials(hidden, weight, labels, partial, temperature, tiles_per_split, config)
     return merge_partials(
         partial[0], partial[1], partial[2], partial[3] if labels is not None else None
     )

@@ -3,13 +3,14 @@
 One pass through a Hugging Face causal LM per token-budgeted batch. Only the hidden states that
 predict response tokens go through the LM head: on CUDA by the fused Triton kernel
 (`fused_entropy.py`, no logits at all), elsewhere in row chunks, so the peak extra memory is
-[chunk_rows, V] regardless of how long the responses are. Batches are left-padded with
-position ids = cumsum(attention_mask) - 1, which is what `generate` uses; without it the values
-drift from the sampling distribution.
+[chunk_rows, V] regardless of how long the responses are. Batches (`batching.py`) are
+left-padded with position ids = cumsum(attention_mask) - 1, which is what `generate` uses;
+without it the values drift from the sampling distribution.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -19,6 +20,13 @@ import numpy as np
 import torch
 
 from entroflow.journal import BatchJournal, load_or_compute
+from entroflow.lm.batching import (
+    left_pad,
+    pair_batches,
+    response_rows,
+    split_by_lengths,
+    token_budget_batches,  # noqa: F401 (estimators.delta_h, training.monitor import it from here)
+)
 from entroflow.lm.entropy import entropy_and_logprob
 from entroflow.lm.fused_entropy import INT32_LIMIT, fused_entropy_and_logprob, fused_supported
 
@@ -27,40 +35,6 @@ from entroflow.lm.fused_entropy import INT32_LIMIT, fused_entropy_and_logprob, f
 class ScoredResponse:
     entropy: np.ndarray  # float32 [L]
     logprob: np.ndarray  # float32 [L]
-
-
-def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Group indices so that len(batch) * longest <= max_tokens (a single long one may exceed).
-
-    Sorted longest first so padding is small and an out-of-memory shows up on the first batch.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * longest > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def left_pad(
-    sequences: Sequence[Sequence[int]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns input_ids, attention_mask, position_ids, each (B, T)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if len(seq):
-            ids[row, width - len(seq) :] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
-            mask[row, width - len(seq) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
 
 
 def decoder_body(model: torch.nn.Module) -> torch.nn.Module:
@@ -123,20 +97,6 @@ def check_head(lm: torch.nn.Module) -> None:
             "does not know, so its entropies would be wrong. This model family is not supported."
         )
     _CHECKED_HEADS.add(lm)
-
-
-def response_rows(response_lens: Sequence[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) indices of the positions whose output predicts each response token.
-
-    Sequence b is left-padded to `width`; its response token j sits at column
-    width - L_b + j and is predicted by the column before it.
-    """
-    rows, cols = [], []
-    for b, n in enumerate(response_lens):
-        start = width - n - 1  # predicts the first response token
-        rows.append(torch.full((n,), b, dtype=torch.long))
-        cols.append(torch.arange(start, start + n, dtype=torch.long))
-    return torch.cat(rows), torch.cat(cols)
 
 
 HEAD_METHODS = ("auto", "fused", "chunked")
@@ -264,6 +224,19 @@ def batch_scores(
     )
 
 
+def _check_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> None:
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if any(len(p) < 1 for p in prompts):
+        raise ValueError("each prompt needs at least one token to predict the response from")
+
+
+def _scores_on_host(model, prompts, responses, **head) -> dict[str, np.ndarray]:
+    """`batch_scores` as float32 numpy arrays, the form a journal saves."""
+    entropy, logprob = batch_scores(model, prompts, responses, **head)
+    return {"entropy": entropy.float().cpu().numpy(), "logprob": logprob.float().cpu().numpy()}
+
+
 @torch.inference_mode()
 def score_responses(
     model: torch.nn.Module,
@@ -285,46 +258,42 @@ def score_responses(
     each batch's values are saved as soon as they exist and saved batches are not recomputed
     (the batch plan depends only on the lengths and the token budget).
     """
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    if any(len(p) < 1 for p in prompts):
-        raise ValueError("each prompt needs at least one token to predict the response from")
+    _check_pairs(prompts, responses)
+    head = dict(
+        pad_token_id=pad_token_id,
+        temperature=temperature,
+        chunk_rows=chunk_rows,
+        accum_dtype=accum_dtype,
+        head_method=head_method,
+    )
     empty = np.zeros(0, dtype=np.float32)
     results = [ScoredResponse(empty, empty) for _ in prompts]
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     total = sum(len(r) for r in responses)
     done, t0 = 0, time.perf_counter()
-    for index, batch in enumerate(token_budget_batches(lengths, max_tokens_per_batch)):
+    for index, batch in enumerate(pair_batches(prompts, responses, max_tokens_per_batch)):
         scored = [i for i in batch if len(responses[i])]
         if not scored:
             continue
-
-        def compute(scored=scored):
-            entropy, logprob = batch_scores(
+        saved = load_or_compute(
+            journal,
+            index,
+            functools.partial(
+                _scores_on_host,
                 model,
                 [prompts[i] for i in scored],
                 [responses[i] for i in scored],
-                pad_token_id=pad_token_id,
-                temperature=temperature,
-                chunk_rows=chunk_rows,
-                accum_dtype=accum_dtype,
-                head_method=head_method,
-            )
-            return {
-                "entropy": entropy.float().cpu().numpy(),
-                "logprob": logprob.float().cpu().numpy(),
-            }
-
-        saved = load_or_compute(journal, index, compute)
-        entropy_np, logprob_np = saved["entropy"], saved["logprob"]
-        offset = 0
-        for i in scored:
-            n = len(responses[i])
-            results[i] = ScoredResponse(
-                entropy_np[offset : offset + n], logprob_np[offset : offset + n]
-            )
-            offset += n
-        done += offset
+                **head,
+            ),
+        )
+        lengths = [len(responses[i]) for i in scored]
+        pieces = zip(
+            split_by_lengths(saved["entropy"], lengths),
+            split_by_lengths(saved["logprob"], lengths),
+            strict=True,
+        )
+        for i, (entropy, logprob) in zip(scored, pieces, strict=True):
+            results[i] = ScoredResponse(entropy, logprob)
+        done += sum(lengths)
         if progress is not None:
             progress(done, total, time.perf_counter() - t0)
     return results

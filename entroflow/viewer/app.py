@@ -9,23 +9,20 @@ and CSV export. A step is read only when selected (`EntropySource`).
 
 from __future__ import annotations
 
-import base64
 import functools
-import io
 import sys
 from functools import lru_cache
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dash_table, dcc, html
 from dash.exceptions import PreventUpdate
 
 from entroflow.errors import EntroflowError
 from entroflow.viewer.data import MAX_TOP_K, EntropySource, parse_bound, parse_top_k
+from entroflow.viewer.figures import histogram_figure, percentiles_figure, word_cloud_src
 from entroflow.viewer.render import heatmap_html, legend, token_view
 
-THRESHOLDS = (50, 80, 95)
 PAGE = {"margin": "0 auto", "maxWidth": "1400px", "fontFamily": "system-ui, sans-serif"}
 ROW = {"display": "flex", "gap": "16px", "alignItems": "flex-start"}
 CELL = {"fontFamily": "ui-monospace, monospace", "fontSize": "12px", "padding": "2px 6px"}
@@ -57,60 +54,6 @@ def _columns(frame: pd.DataFrame) -> list[dict]:
     return [{"name": c, "id": c} for c in frame.columns]
 
 
-def percentiles_figure(steps: pd.DataFrame) -> go.Figure:
-    fig = go.Figure()
-    for col in [c for c in ("p50", "p80", "p90", "p95", "p99", "mean") if c in steps]:
-        fig.add_trace(go.Scatter(x=steps["step"], y=steps[col], mode="lines+markers", name=col))
-    fig.update_layout(
-        title="entropy percentiles across steps (nats)",
-        xaxis_title="step",
-        yaxis_type="log",
-        height=320,
-        margin={"l": 50, "r": 10, "t": 40, "b": 40},
-    )
-    return fig
-
-
-def histogram_figure(entropy: np.ndarray, step: int) -> go.Figure:
-    fig = go.Figure(go.Histogram(x=entropy, nbinsx=80, marker_color="#3b528b"))
-    colours = ("#5ec962", "#e4572e", "#440154")
-    for i, (q, colour) in enumerate(zip(THRESHOLDS, colours, strict=True)):
-        if len(entropy):
-            v = float(np.percentile(entropy, q))
-            fig.add_vline(x=v, line_color=colour, line_dash="dash")
-            fig.add_annotation(
-                x=v,
-                y=1 - 0.1 * i,  # staggered: the thresholds are often close together
-                yref="paper",
-                xanchor="left",
-                text=f"P{q} {v:.3g}",
-                showarrow=False,
-                font={"color": colour},
-            )
-    fig.update_layout(
-        title=f"step {step}: {len(entropy):,} tokens",
-        xaxis_title="entropy (nats)",
-        yaxis_type="log",
-        yaxis_title="tokens",
-        height=320,
-        margin={"l": 50, "r": 10, "t": 40, "b": 40},
-    )
-    return fig
-
-
-def word_cloud_src(counts: pd.Series) -> str:
-    """A PNG data URL of the step's high-entropy tokens (empty when there are none)."""
-    if counts.empty:
-        return ""
-    from wordcloud import WordCloud
-
-    cloud = WordCloud(width=440, height=300, background_color="white", colormap="viridis")
-    image = cloud.generate_from_frequencies(counts.to_dict()).to_image()
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def one_line_errors(callback):
     """A bad step file or input met in a callback: one `error:` line on the server's console
     and the page left as it was, not a traceback."""
@@ -127,60 +70,26 @@ def one_line_errors(callback):
 
 
 def build_app(source: EntropySource) -> Dash:
+    """The page (`layout`) and the callbacks that fill it (`register_callbacks`)."""
     app = Dash(__name__, title=f"entroflow · {source.path.name}")
+    app.layout = layout(source)
+    register_callbacks(app, source)
+    return app
 
-    def callback(*args, **kwargs):  # app.callback, with one_line_errors
-        return lambda function: app.callback(*args, **kwargs)(one_line_errors(function))
 
+# ---- layout: declarative, top to bottom ----
+
+
+def layout(source: EntropySource) -> html.Div:
     steps = source.steps()
-    first_step = int(steps["step"].iloc[0])
-    app.layout = html.Div(
+    return html.Div(
         style=PAGE,
         children=[
             html.H2(f"entroflow · {source.path} ({source.kind}, {len(steps)} steps)"),
-            dcc.Store(id="step", data=first_step),
+            dcc.Store(id="step", data=int(steps["step"].iloc[0])),
             dcc.Store(id="response", data=0),
-            html.H4("steps (click a row)"),
-            _table("steps-table", data=_records(steps), columns=_columns(steps)),
-            html.H3(id="step-title"),
-            html.Div(
-                style=ROW,
-                children=[
-                    dcc.Graph(
-                        id="percentiles", figure=percentiles_figure(steps), style={"flex": "1"}
-                    ),
-                    dcc.Graph(id="histogram", style={"flex": "1"}),
-                    html.Div(
-                        style={"flex": "1"},
-                        children=[
-                            html.H4("tokens above the step's P80"),
-                            html.Img(id="wordcloud", style={"maxWidth": "100%"}),
-                        ],
-                    ),
-                ],
-            ),
-            html.Div(
-                style={**ROW, "alignItems": "center"},
-                children=[
-                    html.Label("top-K tokens per step, K = "),
-                    dcc.Input(
-                        id="top-k",
-                        type="number",
-                        min=1,
-                        max=MAX_TOP_K,
-                        value=20,
-                        debounce=True,
-                        style=SMALL,
-                    ),
-                ],
-            ),
-            html.Div(
-                style=ROW,
-                children=[
-                    html.Div([html.H4("highest entropy"), _table("top-high")], style={"flex": "1"}),
-                    html.Div([html.H4("lowest entropy"), _table("top-low")], style={"flex": "1"}),
-                ],
-            ),
+            *_step_section(steps),
+            *_top_k_section(),
             html.H4("responses (click a row to open it)"),
             _table("responses-table", page_size=15),
             html.H3(id="response-title"),
@@ -188,58 +97,7 @@ def build_app(source: EntropySource) -> Dash:
                 id="prompt",
                 style={"background": "#f4f4f4", "padding": "8px", "whiteSpace": "pre-wrap"},
             ),
-            html.Div(
-                style={**ROW, "flexWrap": "wrap", "alignItems": "center"},
-                children=[
-                    html.Label("colour"),
-                    dcc.RadioItems(
-                        id="scale",
-                        options=[
-                            {"label": "log entropy", "value": "log"},
-                            {"label": "percentile in step", "value": "percentile"},
-                        ],
-                        value="log",
-                        inline=True,
-                    ),
-                    html.Label("entropy from"),
-                    dcc.Input(
-                        id="h-min",
-                        type="number",
-                        placeholder="none",
-                        debounce=True,
-                        style=SMALL,
-                    ),
-                    html.Label("to"),
-                    dcc.Input(
-                        id="h-max",
-                        type="number",
-                        placeholder="none",
-                        debounce=True,
-                        style=SMALL,
-                    ),
-                    html.Label("search"),
-                    dcc.Input(
-                        id="search",
-                        type="text",
-                        placeholder="token text",
-                        debounce=True,
-                        style=SMALL,
-                    ),
-                    html.Label("sort"),
-                    dcc.RadioItems(
-                        id="sort",
-                        options=[
-                            {"label": "position", "value": "position"},
-                            {"label": "entropy ↓", "value": "entropy-desc"},
-                            {"label": "entropy ↑", "value": "entropy-asc"},
-                        ],
-                        value="position",
-                        inline=True,
-                    ),
-                    html.Button("export CSV", id="export"),
-                    dcc.Download(id="download"),
-                ],
-            ),
+            _response_controls(),
             html.Div(id="legend", style={"margin": "6px 0", "fontFamily": "monospace"}),
             html.Iframe(
                 id="heatmap", style={"width": "100%", "height": "320px", "border": "1px solid #ddd"}
@@ -249,89 +107,156 @@ def build_app(source: EntropySource) -> Dash:
         ],
     )
 
-    @lru_cache(maxsize=16)
-    def cloud(step: int) -> str:  # the slowest part of opening a step: once per step
-        return word_cloud_src(source.high_entropy_counts(step))
 
-    @callback(
-        Output("step", "data"),
-        Input("steps-table", "active_cell"),
-        State("steps-table", "derived_viewport_data"),
-        prevent_initial_call=True,
+def _step_section(steps: pd.DataFrame) -> list:
+    """The step list, then the selected step's percentiles, histogram and word cloud."""
+    return [
+        html.H4("steps (click a row)"),
+        _table("steps-table", data=_records(steps), columns=_columns(steps)),
+        html.H3(id="step-title"),
+        html.Div(
+            style=ROW,
+            children=[
+                dcc.Graph(id="percentiles", figure=percentiles_figure(steps), style={"flex": "1"}),
+                dcc.Graph(id="histogram", style={"flex": "1"}),
+                html.Div(
+                    style={"flex": "1"},
+                    children=[
+                        html.H4("tokens above the step's P80"),
+                        html.Img(id="wordcloud", style={"maxWidth": "100%"}),
+                    ],
+                ),
+            ],
+        ),
+    ]
+
+
+def _top_k_section() -> list:
+    """The K input and the step's K highest and lowest entropy tokens."""
+    return [
+        html.Div(
+            style={**ROW, "alignItems": "center"},
+            children=[
+                html.Label("top-K tokens per step, K = "),
+                dcc.Input(
+                    id="top-k",
+                    type="number",
+                    min=1,
+                    max=MAX_TOP_K,
+                    value=20,
+                    debounce=True,
+                    style=SMALL,
+                ),
+            ],
+        ),
+        html.Div(
+            style=ROW,
+            children=[
+                html.Div([html.H4("highest entropy"), _table("top-high")], style={"flex": "1"}),
+                html.Div([html.H4("lowest entropy"), _table("top-low")], style={"flex": "1"}),
+            ],
+        ),
+    ]
+
+
+def _number_input(id_: str) -> dcc.Input:
+    return dcc.Input(id=id_, type="number", placeholder="none", debounce=True, style=SMALL)
+
+
+def _response_controls() -> html.Div:
+    """Colour scale, entropy range, search, sort and CSV export of the open response."""
+    return html.Div(
+        style={**ROW, "flexWrap": "wrap", "alignItems": "center"},
+        children=[
+            html.Label("colour"),
+            dcc.RadioItems(
+                id="scale",
+                options=[
+                    {"label": "log entropy", "value": "log"},
+                    {"label": "percentile in step", "value": "percentile"},
+                ],
+                value="log",
+                inline=True,
+            ),
+            html.Label("entropy from"),
+            _number_input("h-min"),
+            html.Label("to"),
+            _number_input("h-max"),
+            html.Label("search"),
+            dcc.Input(
+                id="search", type="text", placeholder="token text", debounce=True, style=SMALL
+            ),
+            html.Label("sort"),
+            dcc.RadioItems(
+                id="sort",
+                options=[
+                    {"label": "position", "value": "position"},
+                    {"label": "entropy ↓", "value": "entropy-desc"},
+                    {"label": "entropy ↑", "value": "entropy-asc"},
+                ],
+                value="position",
+                inline=True,
+            ),
+            html.Button("export CSV", id="export"),
+            dcc.Download(id="download"),
+        ],
     )
-    def select_step(cell, rows):
+
+
+# ---- callbacks: what each control changes ----
+
+# The inputs that select the open response's token view (shown, and exported as CSV).
+VIEW_INPUTS = (
+    ("step", "data"),
+    ("response", "data"),
+    ("h-min", "value"),
+    ("h-max", "value"),
+    ("search", "value"),
+    ("sort", "value"),
+)
+
+
+class Callbacks:
+    """The app's callbacks over one `EntropySource`; `register_callbacks` wires them to the page."""
+
+    def __init__(self, source: EntropySource):
+        self.source = source
+        # the slowest part of opening a step: once per step
+        self.cloud = lru_cache(maxsize=16)(self._cloud)
+
+    def _cloud(self, step: int) -> str:
+        return word_cloud_src(self.source.high_entropy_counts(step))
+
+    def select_step(self, cell, rows):
         return int(rows[cell["row"]]["step"])
 
-    @callback(
-        Output("step-title", "children"),
-        Output("histogram", "figure"),
-        Output("wordcloud", "src"),
-        Output("responses-table", "data"),
-        Output("responses-table", "columns"),
-        Output("response", "data"),
-        Input("step", "data"),
-    )
-    def show_step(step):
-        entropy = source.entropy(step)
-        responses = source.responses(step)
+    def show_step(self, step):
+        entropy = self.source.entropy(step)
+        responses = self.source.responses(step)
         title = f"step {step}: {len(responses)} responses, {len(entropy):,} tokens"
         return (
             title,
             histogram_figure(entropy, step),
-            cloud(step),
+            self.cloud(step),
             _records(responses),
             _columns(responses),
             0,
         )
 
-    @callback(
-        Output("top-high", "data"),
-        Output("top-high", "columns"),
-        Output("top-low", "data"),
-        Output("top-low", "columns"),
-        Input("step", "data"),
-        Input("top-k", "value"),
-    )
-    def show_extremes(step, k):
-        high, low = source.extreme_tokens(step, parse_top_k(k))
+    def show_extremes(self, step, k):
+        high, low = self.source.extreme_tokens(step, parse_top_k(k))
         return _records(high), _columns(high), _records(low), _columns(low)
 
-    @callback(
-        Output("response", "data", allow_duplicate=True),
-        Input("responses-table", "active_cell"),
-        State("responses-table", "derived_viewport_data"),
-        prevent_initial_call=True,
-    )
-    def select_response(cell, rows):
+    def select_response(self, cell, rows):
         return int(rows[cell["row"]]["response"])
 
-    view_inputs = [
-        Input("step", "data"),
-        Input("response", "data"),
-        Input("h-min", "value"),
-        Input("h-max", "value"),
-        Input("search", "value"),
-        Input("sort", "value"),
-    ]
-
-    def current_view(step, response, h_min, h_max, search, sort):
-        tokens = source.tokens(step, response)
+    def current_view(self, step, response, h_min, h_max, search, sort):
+        tokens = self.source.tokens(step, response)
         return tokens, token_view(tokens, parse_bound(h_min), parse_bound(h_max), search, sort)
 
-    @callback(
-        Output("response-title", "children"),
-        Output("prompt", "children"),
-        Output("legend", "children"),
-        Output("heatmap", "srcDoc"),
-        Output("tokens-table", "data"),
-        Output("tokens-table", "columns"),
-        Output("view-count", "children"),
-        *view_inputs,
-        Input("scale", "value"),
-    )
-    def show_response(step, response, h_min, h_max, search, sort, scale):
-        tokens, view = current_view(step, response, h_min, h_max, search, sort)
-        step_entropy = source.entropy(step)
+    def show_response(self, step, response, h_min, h_max, search, sort, scale):
+        tokens, view = self.current_view(step, response, h_min, h_max, search, sort)
+        step_entropy = self.source.entropy(step)
         swatches = [html.Span("nats: ")] + [
             html.Span(label, style={"background": bg, "color": fg, "padding": "2px 8px"})
             for label, bg, fg in legend(step_entropy, scale)
@@ -344,7 +269,7 @@ def build_app(source: EntropySource) -> Dash:
             count += f" (matching '{search}')"
         return (
             f"step {step} · response {response}",
-            source.prompt(step, response),
+            self.source.prompt(step, response),
             swatches,
             page,
             _records(view),
@@ -352,19 +277,72 @@ def build_app(source: EntropySource) -> Dash:
             count,
         )
 
-    @callback(
-        Output("download", "data"),
-        Input("export", "n_clicks"),
-        *[State(i.component_id, i.component_property) for i in view_inputs],
-        prevent_initial_call=True,
-    )
-    def export(_, step, response, h_min, h_max, search, sort):
-        _, view = current_view(step, response, h_min, h_max, search, sort)
+    def export(self, _, step, response, h_min, h_max, search, sort):
+        _, view = self.current_view(step, response, h_min, h_max, search, sort)
         return dcc.send_data_frame(
             view.to_csv, f"step{step}_response{response}_tokens.csv", index=False
         )
 
-    return app
+
+def register_callbacks(app: Dash, source: EntropySource) -> None:
+    """Wire each of `Callbacks`' methods to its outputs and inputs, errors as one line."""
+    calls = Callbacks(source)
+
+    def wire(function, *dependencies, **kwargs):
+        app.callback(*dependencies, **kwargs)(one_line_errors(function))
+
+    def outputs(id_: str, *properties: str) -> list[Output]:
+        return [Output(id_, p) for p in properties]
+
+    view = [Input(id_, prop) for id_, prop in VIEW_INPUTS]
+    wire(
+        calls.select_step,
+        Output("step", "data"),
+        Input("steps-table", "active_cell"),
+        State("steps-table", "derived_viewport_data"),
+        prevent_initial_call=True,
+    )
+    wire(
+        calls.show_step,
+        Output("step-title", "children"),
+        Output("histogram", "figure"),
+        Output("wordcloud", "src"),
+        *outputs("responses-table", "data", "columns"),
+        Output("response", "data"),
+        Input("step", "data"),
+    )
+    wire(
+        calls.show_extremes,
+        *outputs("top-high", "data", "columns"),
+        *outputs("top-low", "data", "columns"),
+        Input("step", "data"),
+        Input("top-k", "value"),
+    )
+    wire(
+        calls.select_response,
+        Output("response", "data", allow_duplicate=True),
+        Input("responses-table", "active_cell"),
+        State("responses-table", "derived_viewport_data"),
+        prevent_initial_call=True,
+    )
+    wire(
+        calls.show_response,
+        Output("response-title", "children"),
+        Output("prompt", "children"),
+        Output("legend", "children"),
+        Output("heatmap", "srcDoc"),
+        *outputs("tokens-table", "data", "columns"),
+        Output("view-count", "children"),
+        *view,
+        Input("scale", "value"),
+    )
+    wire(
+        calls.export,
+        Output("download", "data"),
+        Input("export", "n_clicks"),
+        *[State(id_, prop) for id_, prop in VIEW_INPUTS],
+        prevent_initial_call=True,
+    )
 
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8050, debug: bool = False) -> None:

@@ -7,7 +7,13 @@ from transformers import LlamaForCausalLM
 
 from entroflow.engines import SamplingParams
 from entroflow.engines.hf import HFEngine
-from entroflow.lm.scoring import response_rows, score_responses, token_budget_batches
+from entroflow.lm.batching import (
+    pair_batches,
+    response_rows,
+    split_by_lengths,
+    token_budget_batches,
+)
+from entroflow.lm.scoring import score_responses
 from tests.conftest import make_tiny_family_model, make_tiny_model
 
 
@@ -150,6 +156,13 @@ def test_token_budget_batches_cover_everything_once():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 15
+
+
+def test_pair_batches_plan_by_whole_length_and_split_cuts_in_order():
+    prompts, responses = [[1] * 4, [1], [1] * 2], [[2] * 3, [2] * 6, []]
+    assert pair_batches(prompts, responses, 15) == token_budget_batches([7, 7, 2], 15)
+    pieces = split_by_lengths(np.arange(6), [2, 0, 3, 1])
+    assert [p.tolist() for p in pieces] == [[0, 1], [], [2, 3, 4], [5]]
 
 
 def test_response_rows_point_before_each_response_token():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from entroflow.engines import ForkingTemperature, SamplingParams, static_decode
+from entroflow.engines import ForkingTemperature, SamplingParams, static_cache, static_decode
 from entroflow.engines.hf import HFEngine
 from entroflow.lm.fused_entropy import fused_supported
 from entroflow.lm.scoring import score_responses
@@ -220,12 +220,12 @@ def test_cuda_graphs_match_eager(tiny_tokenizer):
 
 def test_cache_size_is_checked_before_prefill(model):
     length = 40
-    cache = static_decode.StaticKVCache(model.config, 8, length, torch.float32, "cpu")
+    cache = static_cache.StaticKVCache(model.config, 8, length, torch.float32, "cpu")
     actual = sum(t.nbytes for t in cache.keys + cache.values)
-    assert static_decode.cache_bytes(model.config, 8, length, torch.float32) == actual
-    static_decode.check_cache_fits(model.config, 8, length, torch.float32, free=actual)
+    assert static_cache.cache_bytes(model.config, 8, length, torch.float32) == actual
+    static_cache.check_cache_fits(model.config, 8, length, torch.float32, free=actual)
     with pytest.raises(torch.OutOfMemoryError, match="batch_size to 2 or less"):  # 3.2 rows fit
-        static_decode.check_cache_fits(model.config, 8, length, torch.float32, int(actual / 2.5))
+        static_cache.check_cache_fits(model.config, 8, length, torch.float32, int(actual / 2.5))
 
 
 def test_a_batch_whose_cache_cannot_fit_fails_before_prefill(model, tiny_tokenizer, monkeypatch):

@@ -60,6 +60,9 @@ def test_checkpoint_state_maps_to_named_parameters(model_dir, problems, tiny_tok
     )
     monitor = EntropyMonitor.attach(trainer, trace_dir=str(tmp_path / "trace"))
     trainer.train()
+    # One way into TRL: the trainer subclass, no methods patched onto the instance.
+    assert not {"_calculate_rewards", "_generate_and_score_completions"} & set(vars(trainer))
+    assert trainer.last_rollout is not None and len(trainer.last_rollout.completion_ids) == 8
     ckpt = tmp_path / "checkpoint-4"
     for name in (
         "adapter_model.safetensors",

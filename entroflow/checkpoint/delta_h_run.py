@@ -34,14 +34,14 @@ from entroflow.estimators.adam import AdamStep, replay_adamw
 from entroflow.estimators.delta_h import (
     fit_loglog,
     functional_values,
-    rl_loss,
     score_sequences,
     shifted,
 )
 from entroflow.io import TokenTable, flatten
 from entroflow.lm.tangents import ScoresWithTangent, score_with_tangent
 from entroflow.tokens.pipeline import generation_table
-from entroflow.training.rewards import correctness_rewards, format_rewards, group_advantages
+from entroflow.training.algorithms import algorithm, rl_loss
+from entroflow.training.rewards import correctness_rewards, format_rewards
 
 log = logging.getLogger(__name__)
 MAXENT_STATE_FILE = "maxent_state.json"  # τ, β in a maxent_grpo checkpoint (training.trainer)
@@ -93,9 +93,9 @@ def u_batch_advantages(
     every group moves: w still depends on π_ref where the rewards are equal.
     """
     g = run.group_size
-    if run.algorithm != "maxent_grpo":
-        advantages = group_advantages(rewards, g, scale=(run.algorithm == "grpo"))
-        return advantages, np.repeat(rewards.reshape(-1, g).std(1) > 0, g)
+    algo = algorithm(run.algorithm)
+    if not algo.listwise:
+        return algo.group_advantages(rewards, g), algo.informative(rewards, g)
     from entroflow.training.maxent import maxent_advantages, maxent_weights
 
     with torch.no_grad(), model.disable_adapter():

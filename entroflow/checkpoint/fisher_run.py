@@ -30,6 +30,7 @@ from entroflow.estimators.fisher import (
     sequence_gradients,
 )
 from entroflow.io import TokenTable
+from entroflow.training.algorithms import loss_coefficients
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +159,7 @@ def fisher_kernel_stage(
     beta1, t_next = state["betas"][0], float(state.get("step", 0)) + 1
     adam_factor = (1 - beta1) / (1 - beta1**t_next)
     u_lengths = np.array([len(r) for r in u_responses], dtype=np.float64)
-    if run.algorithm == "grpo":
-        coefficients = advantages / (len(kept) * u_lengths)
-    else:
-        coefficients = advantages / (len(kept) * run.max_new_tokens)
+    coefficients = loss_coefficients(advantages, u_lengths, run.algorithm, run.max_new_tokens)
     from_kernel, contributions = kernel_delta_h(
         torch.as_tensor(kernel), s_eval, coefficients, adam_factor
     )

@@ -19,6 +19,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from entroflow.estimators.delta_h import score_sequences
 from entroflow.lm.checkpoints import PARAM_NAMES_FILE
+from entroflow.training.algorithms import algorithm
 from entroflow.training.maxent import (
     MaxEntController,
     maxent_advantages,
@@ -31,7 +32,6 @@ from entroflow.training.settings import RunSettings
 log = logging.getLogger(__name__)
 
 MAXENT_STATE_FILE = "maxent_state.json"
-ALGORITHMS = {"grpo": "grpo", "dr_grpo": "dr_grpo", "maxent_grpo": "dr_grpo"}  # -> TRL loss_type
 
 
 def optimizer_param_names(model, optimizer) -> list[list[str]]:
@@ -180,28 +180,10 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def build_trainer(
-    settings: RunSettings,
-    model,
-    tokenizer,
-    train_dataset,
-    output_dir: str,
-    reward_funcs: list | None = None,
-):
-    """The run's trainer. `reward_funcs` (TRL signature, weight 1 each) replace the math rewards."""
-    from peft import LoraConfig
-
-    from entroflow.training.rewards import make_reward_funcs
-
-    if settings.algorithm not in ALGORITHMS:
-        raise ValueError(
-            f"unknown algorithm '{settings.algorithm}'; available: {', '.join(ALGORITHMS)}"
-        )
-    if reward_funcs is None:
-        reward_funcs, reward_weights = make_reward_funcs(settings.format_reward)
-    else:
-        reward_weights = [1.0] * len(reward_funcs)
-    args = GRPOConfig(
+def grpo_config(settings: RunSettings, output_dir: str, reward_weights: list[float]) -> GRPOConfig:
+    """TRL's arguments for a run: its algorithm's loss and reward scaling (training.algorithms)."""
+    algo = algorithm(settings.algorithm)
+    return GRPOConfig(
         output_dir=output_dir,
         per_device_train_batch_size=settings.prompts_per_step * settings.group_size,
         num_generations=settings.group_size,
@@ -217,8 +199,8 @@ def build_trainer(
         save_strategy="steps",
         logging_steps=1,
         beta=settings.beta,
-        loss_type=ALGORITHMS[settings.algorithm],
-        scale_rewards="none" if settings.algorithm == "dr_grpo" else "group",
+        loss_type=algo.loss_type,
+        scale_rewards=algo.scale_rewards,
         reward_weights=reward_weights,
         use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
@@ -227,22 +209,45 @@ def build_trainer(
         seed=settings.seed,
         data_seed=settings.seed,
     )
-    peft_config = LoraConfig(
+
+
+def lora_config(settings: RunSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
         target_modules=settings.lora_targets,
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
+
+
+def build_trainer(
+    settings: RunSettings,
+    model,
+    tokenizer,
+    train_dataset,
+    output_dir: str,
+    reward_funcs: list | None = None,
+) -> EntroflowGRPOTrainer:
+    """The run's trainer. `reward_funcs` (TRL signature, weight 1 each) replace the math rewards."""
+    from entroflow.training.rewards import make_reward_funcs
+
+    algo = algorithm(settings.algorithm)  # an unknown name fails here, before any model work
+    if reward_funcs is None:
+        reward_funcs, reward_weights = make_reward_funcs(settings.format_reward)
+    else:
+        reward_weights = [1.0] * len(reward_funcs)
     kwargs = dict(
         model=model,
         reward_funcs=reward_funcs,
-        args=args,
+        args=grpo_config(settings, output_dir, reward_weights),
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=lora_config(settings),
     )
-    if settings.algorithm == "maxent_grpo":
+    if algo.listwise:
         m = dict(settings.maxent)
         controller = MaxEntController(**m.pop("controller", {}))
         return MaxEntGRPOTrainer(**kwargs, maxent=MaxEntSettings(**m, controller=controller))

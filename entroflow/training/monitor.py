@@ -1,4 +1,8 @@
-"""Per-step entropy traces and the first-order δH probe, as one TrainerCallback.
+"""Per-step entropy traces and the step probe, as one TrainerCallback.
+
+The step probe predicts, to first order, how one optimizer step changes the mean entropy of the
+step's own rollout tokens, and measures the change (not the ΔH stage's δH₁ or ΔH, which are
+about the policy's entropy at a checkpoint; not the Fisher kernel's identity).
 
 A plain `TrainerCallback` on an `EntroflowGRPOTrainer` (`EntropyMonitor.attach(trainer, ...)`
 adds it): the trainer hands it each step's rollouts (prompt/completion ids, rewards, advantages)
@@ -8,9 +12,11 @@ through `on_rollout`, then
   (sampling) parameters θ0, with one teacher-forced pass through our scorer; with the probe on,
   that pass keeps autograd and gives g = ∇_θ H̄, H̄ = mean over rollout tokens of H_t;
 - after the optimizer step: Δθ = θ1 - θ0 (the real update, momentum and weight decay included),
-  the predicted change δH = ⟨g, Δθ⟩ and the realised change H̄(θ1) - H̄(θ0) on the same tokens;
-- at step end: the trace file and manifest line, and probe metrics in the trainer's logs,
-  with the covariance predictor of Cui et al. (2025) beside δH (`probe/delta_h_cov`).
+  the predicted change ⟨g, Δθ⟩ (`probe_predicted`) and the realised change H̄(θ1) - H̄(θ0)
+  on the same tokens (`probe_realised`);
+- at step end: the trace file and manifest line, and the probe's values in the trainer's logs
+  under the same names, with the covariance predictor of Cui et al. (2025) beside the
+  prediction (`probe_covariance`).
 
 H̄ is the mean entropy along the fixed rollout prefixes, so predicted and realised values
 measure the same quantity; how the *policy's* entropy changes (including which sequences get
@@ -30,7 +36,12 @@ from entroflow.estimators.delta_h_stats import covariance_predictor
 from entroflow.io import TokenTable, flatten, str_array, vocab_group
 from entroflow.lm.scoring import batch_scores, token_budget_batches
 from entroflow.training.rollout import Rollout
-from entroflow.training.traces import TraceWriter
+from entroflow.training.traces import (
+    PROBE_COVARIANCE,
+    PROBE_PREDICTED,
+    PROBE_REALISED,
+    TraceWriter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +186,11 @@ class EntropyMonitor(TrainerCallback):
         model.train(was_training)
         self.metrics.update(
             {
-                "probe/delta_h_predicted": predicted,
-                "probe/delta_h_cov": self._covariance_prediction(logprob1),
-                "probe/delta_h_realised": h1 - self._h0,
-                "probe/mean_entropy_before": self._h0,
-                "probe/update_norm": step_norm,
+                PROBE_PREDICTED: predicted,
+                PROBE_COVARIANCE: self._covariance_prediction(logprob1),
+                PROBE_REALISED: h1 - self._h0,
+                "probe_mean_entropy_before": self._h0,
+                "probe_update_norm": step_norm,
             }
         )
         self._theta0 = self._grad = None
@@ -207,14 +218,14 @@ class EntropyMonitor(TrainerCallback):
         if self.rollout is None or self.entropy is None:
             return
         r = self.rollout
-        self.metrics["probe/seconds"] = self._probe_seconds
+        self.metrics["probe_seconds"] = self._probe_seconds
         if self.trainer is not None:
             self.trainer.record_metrics(self.metrics)
         if self.writer is not None and state.global_step % self.write_every == 0:
             extra = {
                 "reward_mean": float(r.rewards.mean()),
                 "accuracy": float(r.correct.mean()),
-                **{k.replace("/", "_"): v for k, v in self.metrics.items()},
+                **self.metrics,  # the same names as in the trainer's logs
             }
             self.writer.write(state.global_step, self.trace_table(state.global_step), extra)
         self.rollout = None

@@ -61,7 +61,7 @@ def test_training_checkpoints_traces_and_eval(smollm2):
             assert (run / f"checkpoint-{step}" / name).exists(), name
     manifest = [json.loads(x) for x in (run / "trace/manifest.jsonl").read_text().splitlines()]
     assert [m["step"] for m in manifest] == [1, 2, 3, 4]
-    assert all(np.isfinite(m["probe_delta_h_predicted"]) for m in manifest)
+    assert all(np.isfinite(m["probe_predicted"]) for m in manifest)
     table = (run / "eval/table.csv").read_text().splitlines()
     assert table[0].startswith("step,pass@1,avg@1,pass@2,avg@2") and len(table) == 3
 

@@ -1,8 +1,8 @@
-"""Overhead of the δH probe (and trace) per GRPO step: the same run with and without it, one process.
+"""Overhead of the step probe (and trace) per GRPO step: the same run with and without it, one process.
 
     python bench/probe_overhead.py [--model resources/models/demo] [--steps 12]
 
-Prints seconds per step for: bare TRL GRPOTrainer, + entropy trace, + trace and δH probe, and
+Prints seconds per step for: bare TRL GRPOTrainer, + entropy trace, + trace and step probe, and
 the ratios. Needs the demo model (`make demo` builds it) or any local model folder.
 """
 

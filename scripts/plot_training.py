@@ -1,4 +1,4 @@
-"""Rule plot_training: reward, entropy percentiles and the δH probe per step."""
+"""Rule plot_training: reward, entropy percentiles and the step probe per step."""
 
 from entroflow.logs import setup_logging
 from entroflow.report.plots import training_curves

@@ -34,6 +34,7 @@ from entroflow.estimators.fisher import (
     sequence_gradients,
 )
 from entroflow.io import TokenTable, read_token_file, write_token_file
+from entroflow.training.algorithms import loss_coefficients
 
 log = logging.getLogger(__name__)
 KERNEL_ARRAYS = (  # FisherResult's array fields: the file's root datasets, same names
@@ -151,13 +152,6 @@ def kernel_from_store(store: h5py.File, block: int) -> np.ndarray:
     return k
 
 
-def loss_coefficients(run: RunShape, advantages: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """c_i of the RL loss L = -Σ_i c_i S_i over the kept U sequences (estimators.delta_h.rl_loss)."""
-    if run.algorithm == "grpo":
-        return advantages / (len(advantages) * lengths)
-    return advantages / (len(advantages) * run.max_new_tokens)
-
-
 def identity_reference(e_batch: TokenTable, e_rows: np.ndarray) -> tuple[float, np.ndarray]:
     """The ΔH stage's first order along the update's gradient part for the surprisal estimator
     (leave-one-out baseline, per sequence) on the kernel's E sequences, and their S(y)."""
@@ -250,7 +244,7 @@ def fisher_kernel_stage(
     from_kernel, contributions = kernel_delta_h(
         torch.as_tensor(kernel),
         s_eval,
-        loss_coefficients(run, advantages, u_lengths),
+        loss_coefficients(advantages, u_lengths, run.algorithm, run.max_new_tokens),
         delta_h.adam_gradient_factor,
     )
     rel_error = abs(from_kernel - reference) / max(abs(reference), 1e-300)

@@ -19,10 +19,11 @@ from entroflow.checkpoint.settings import RunShape
 from entroflow.engines import SamplingParams
 from entroflow.engines.hf import HFEngine
 from entroflow.estimators.adam import AdamStep, replay_adamw
-from entroflow.estimators.delta_h import rl_loss, score_sequences
+from entroflow.estimators.delta_h import score_sequences
 from entroflow.io import TokenTable
 from entroflow.tokens.pipeline import generation_table
-from entroflow.training.rewards import correctness_rewards, format_rewards, group_advantages
+from entroflow.training.algorithms import algorithm, rl_loss
+from entroflow.training.rewards import correctness_rewards, format_rewards
 from entroflow.training.trainer import MAXENT_STATE_FILE
 
 
@@ -62,9 +63,9 @@ def u_batch_advantages(
     every group moves: w still depends on π_ref where the rewards are equal.
     """
     g = run.group_size
-    if run.algorithm != "maxent_grpo":
-        advantages = group_advantages(rewards, g, scale=(run.algorithm == "grpo"))
-        return advantages, np.repeat(rewards.reshape(-1, g).std(1) > 0, g)
+    algo = algorithm(run.algorithm)
+    if not algo.listwise:
+        return algo.group_advantages(rewards, g), algo.informative(rewards, g)
     from entroflow.training.maxent import maxent_advantages, maxent_weights
 
     with torch.no_grad(), model.disable_adapter():

@@ -216,27 +216,6 @@ def entropy_gradient(
     return dict(zip(params, torch.autograd.grad(surrogate, list(params.values())), strict=True))
 
 
-def rl_loss(
-    scores: SequenceScores, advantages: np.ndarray, algorithm: str, max_new_tokens: int
-) -> torch.Tensor:
-    """The run's policy-gradient loss at the sampling parameters (ratio = 1), TRL's normalisation.
-
-    dr_grpo / maxent_grpo: -Σ_i A_i Σ_t log π(y_it) / (B · max_new_tokens)
-    grpo:                  -mean_i (A_i Σ_t log π(y_it) / L_i)
-    """
-    b = len(scores.logprob)
-    if algorithm in ("dr_grpo", "maxent_grpo"):
-        total = sum(float(a) * lp.sum() for a, lp in zip(advantages, scores.logprob, strict=True))
-        return -total / (b * max_new_tokens)
-    if algorithm == "grpo":
-        total = sum(
-            float(a) * lp.sum() / max(len(lp), 1)
-            for a, lp in zip(advantages, scores.logprob, strict=True)
-        )
-        return -total / b
-    raise ValueError(f"unknown algorithm '{algorithm}'")
-
-
 def fit_loglog(eta: np.ndarray, delta: np.ndarray) -> tuple[float, float]:
     """Slope and R² of log|ΔH| against log η over η > 0 with ΔH ≠ 0."""
     ok = (eta > 0) & (np.abs(delta) > 0) & np.isfinite(delta)

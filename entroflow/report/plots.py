@@ -15,6 +15,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from entroflow.io import TokenTable, token_texts  # noqa: E402
+from entroflow.training.traces import (  # noqa: E402
+    PROBE_COVARIANCE,
+    PROBE_PREDICTED,
+    PROBE_REALISED,
+)
 
 LOG_FLOOR = 1e-4  # entropies below this share the darkest colour in the token view
 
@@ -164,7 +169,8 @@ Colour is log<sub>10</sub> entropy (floor {LOG_FLOOR:g}), so the many near-zero 
 
 
 def training_curves(rows: list[dict], path, title: str = "") -> None:
-    """Per step: reward; entropy mean and percentiles; δH probe predicted vs realised."""
+    """Per step (manifest rows): reward; entropy mean and percentiles; the step probe, predicted
+    vs realised change of the rollouts' mean entropy over the step (training.monitor)."""
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     axes[0].plot(steps, [r.get("reward_mean") for r in rows], marker="o", ms=3, color="#55a868")
@@ -174,35 +180,20 @@ def training_curves(rows: list[dict], path, title: str = "") -> None:
     axes[1].set_yscale("log")
     axes[1].set_ylabel("token entropy (nats)")
     axes[1].legend(fontsize=7, ncol=5, loc="center right")
-    if all("probe_delta_h_predicted" in r for r in rows):
-        axes[2].plot(
-            steps,
-            [r["probe_delta_h_predicted"] for r in rows],
-            marker="o",
-            ms=3,
-            label="predicted ⟨∇H̄, Δθ⟩",
-        )
-        axes[2].plot(
-            steps,
-            [r["probe_delta_h_realised"] for r in rows],
-            marker="x",
-            ms=4,
-            label="realised H̄(θ+Δθ) − H̄(θ)",
-        )
-        if all("probe_delta_h_cov" in r for r in rows):
-            axes[2].plot(
-                steps,
-                [r["probe_delta_h_cov"] for r in rows],
-                ":",
-                marker="^",
-                ms=3,
-                label="covariance predictor -κ Cov(log π, A)",
-            )
+    probe = (
+        (PROBE_PREDICTED, dict(marker="o", ms=3, label="predicted ⟨∇H̄, Δθ⟩")),
+        (PROBE_REALISED, dict(marker="x", ms=4, label="realised H̄(θ+Δθ) − H̄(θ)")),
+        (PROBE_COVARIANCE, dict(ls=":", marker="^", ms=3, label="covariance -κ Cov(log π, A)")),
+    )
+    if all(PROBE_PREDICTED in r for r in rows):
+        for key, style in probe:
+            if all(key in r for r in rows):
+                axes[2].plot(steps, [r[key] for r in rows], **style)
         axes[2].axhline(0, color="grey", lw=0.5)
         axes[2].legend(fontsize=7)
     else:
-        axes[2].text(0.5, 0.5, "probe off", ha="center", transform=axes[2].transAxes)
-    axes[2].set_ylabel("δ mean entropy (nats)")
+        axes[2].text(0.5, 0.5, "step probe off", ha="center", transform=axes[2].transAxes)
+    axes[2].set_ylabel("step probe: Δ mean entropy (nats)")
     axes[2].set_xlabel("training step")
     fig.suptitle(f"training run {title}", fontsize=10)
     _save(fig, path)

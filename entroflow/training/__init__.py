@@ -1,1 +1,1 @@
-"""RL training on TRL's GRPOTrainer: rewards, MaxEnt-GRPO, per-step entropy traces, the δH probe."""
+"""RL training on TRL's GRPOTrainer: rewards, MaxEnt-GRPO, per-step entropy traces, the step probe."""

@@ -1,15 +1,22 @@
-"""Per-step entropy traces and the first-order δH probe, as one TrainerCallback.
+"""Per-step entropy traces and the step probe, as one TrainerCallback.
 
-`EntropyMonitor.attach(trainer, ...)` works on any TRL `GRPOTrainer`: it wraps the trainer's
-rollout method to keep the step's rollouts (prompt/completion ids, rewards, advantages), then
+The step probe predicts, to first order, how one optimizer step changes the mean entropy of the
+step's own rollout tokens, and measures the change (not the ΔH stage's δH₁ or ΔH, which are
+about the policy's entropy at a checkpoint; not the Fisher kernel's identity).
+
+A plain `TrainerCallback` on an `EntroflowGRPOTrainer` (`EntropyMonitor.attach(trainer, ...)`
+adds it): the trainer hands it each step's rollouts (prompt/completion ids, rewards, advantages)
+through `on_rollout`, then
 
 - before the optimizer step: exact per-token entropy H_t of every rollout token at the current
   (sampling) parameters θ0, with one teacher-forced pass through our scorer; with the probe on,
   that pass keeps autograd and gives g = ∇_θ H̄, H̄ = mean over rollout tokens of H_t;
 - after the optimizer step: Δθ = θ1 - θ0 (the real update, momentum and weight decay included),
-  the predicted change δH = ⟨g, Δθ⟩ and the realised change H̄(θ1) - H̄(θ0) on the same tokens;
-- at step end: the trace file and manifest line, and probe metrics in the trainer's logs,
-  with the covariance predictor of Cui et al. (2025) beside δH (`probe/delta_h_cov`).
+  the predicted change ⟨g, Δθ⟩ (`probe_predicted`) and the realised change H̄(θ1) - H̄(θ0)
+  on the same tokens (`probe_realised`);
+- at step end: the trace file and manifest line, and the probe's values in the trainer's logs
+  under the same names, with the covariance predictor of Cui et al. (2025) beside the
+  prediction (`probe_covariance`).
 
 H̄ is the mean entropy along the fixed rollout prefixes, so predicted and realised values
 measure the same quantity; how the *policy's* entropy changes (including which sequences get
@@ -20,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,33 +35,15 @@ from transformers import TrainerCallback
 from entroflow.estimators.delta_h_stats import covariance_predictor
 from entroflow.io import TokenTable, flatten, str_array, vocab_group
 from entroflow.lm.scoring import batch_scores, token_budget_batches
-from entroflow.training.traces import TraceWriter
+from entroflow.training.rollout import Rollout
+from entroflow.training.traces import (
+    PROBE_COVARIANCE,
+    PROBE_PREDICTED,
+    PROBE_REALISED,
+    TraceWriter,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollout:
-    """One generation batch in plain Python/numpy: what a trace file and the probe need."""
-
-    prompt_ids: list[list[int]]  # [B] unpadded prompt tokens
-    completion_ids: list[list[int]]  # [B] unpadded completion tokens (EOS included)
-    prompt_text: list[str]
-    answers: list[str]
-    rewards: np.ndarray  # float32 [B]
-    correct: np.ndarray  # int8 [B]
-    advantages: np.ndarray  # float32 [B]
-    group: np.ndarray  # int32 [B]: index of the prompt group
-
-
-def _unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-    return [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu(), strict=True)]
-
-
-def _prompt_text(prompt) -> str:
-    if isinstance(prompt, list):  # conversational
-        return prompt[-1]["content"]
-    return str(prompt)
 
 
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -82,59 +70,36 @@ class EntropyMonitor(TrainerCallback):
         self.num_generations = num_generations
         self.trainer = None
         self.rollout: Rollout | None = None
-        self._inputs = None
-        self._rewards = None
         self._reset_step()
 
     # -- wiring -------------------------------------------------------------------------------
     @classmethod
     def attach(cls, trainer, **kwargs) -> EntropyMonitor:
-        """Wrap `trainer`'s rollout methods to capture each generation batch and add the callback."""
+        """A monitor with `trainer`'s tokenizer, temperature and group size, added as its callback.
+
+        `trainer` must be an `EntroflowGRPOTrainer` (training.trainer): it hands each training
+        batch's rollout to `on_rollout`.
+        """
+        from entroflow.training.trainer import EntroflowGRPOTrainer
+
+        if not isinstance(trainer, EntroflowGRPOTrainer):
+            raise TypeError(
+                f"{type(trainer).__name__} does not hand rollouts to callbacks: use "
+                "entroflow.training.trainer.EntroflowGRPOTrainer (a GRPOTrainer subclass)"
+            )
         monitor = cls(
             trainer.processing_class,
             temperature=trainer.args.temperature,
             num_generations=trainer.num_generations,
             **kwargs,
         )
-        monitor.trainer = trainer
-        generate = trainer._generate_and_score_completions
-        rewards = trainer._calculate_rewards
-
-        def capture_rewards(inputs, *args, **kw):
-            per_func = rewards(inputs, *args, **kw)  # (B, n_funcs), NaN where a function abstains
-            monitor._rewards = per_func.detach().cpu().numpy()
-            return per_func
-
-        def capture(inputs):
-            monitor._inputs = inputs
-            out = generate(inputs)
-            if trainer.model.training:
-                monitor.rollout = monitor._to_rollout(inputs, out)
-            return out
-
-        trainer._calculate_rewards = capture_rewards
-        trainer._generate_and_score_completions = capture
         trainer.add_callback(monitor)
         return monitor
 
-    def _to_rollout(self, inputs, out) -> Rollout:
-        per_func = np.nan_to_num(self._rewards, nan=0.0)
-        weights = np.asarray(self.trainer.reward_weights.cpu(), dtype=np.float64)
-        rewards = (per_func * weights).sum(axis=1)
-        advantages = out["advantages"].detach().float().cpu().numpy()
-        if advantages.ndim > 1:
-            advantages = advantages.mean(axis=1)
-        n = len(inputs)
-        return Rollout(
-            prompt_ids=_unpad(out["prompt_ids"], out["prompt_mask"]),
-            completion_ids=_unpad(out["completion_ids"], out["completion_mask"]),
-            prompt_text=[_prompt_text(x["prompt"]) for x in inputs],
-            answers=[str(x.get("answer", "")) for x in inputs],
-            rewards=rewards.astype(np.float32),
-            correct=(per_func[:, 0] > 0.5).astype(np.int8),
-            advantages=advantages.astype(np.float32),
-            group=(np.arange(n) // max(self.num_generations, 1)).astype(np.int32),
-        )
+    def on_rollout(self, trainer, rollout: Rollout) -> None:
+        """Called by EntroflowGRPOTrainer with each training batch's rollout."""
+        self.trainer = trainer
+        self.rollout = rollout
 
     def _reset_step(self) -> None:
         self.entropy = None  # list of np arrays per completion
@@ -221,11 +186,11 @@ class EntropyMonitor(TrainerCallback):
         model.train(was_training)
         self.metrics.update(
             {
-                "probe/delta_h_predicted": predicted,
-                "probe/delta_h_cov": self._covariance_prediction(logprob1),
-                "probe/delta_h_realised": h1 - self._h0,
-                "probe/mean_entropy_before": self._h0,
-                "probe/update_norm": step_norm,
+                PROBE_PREDICTED: predicted,
+                PROBE_COVARIANCE: self._covariance_prediction(logprob1),
+                PROBE_REALISED: h1 - self._h0,
+                "probe_mean_entropy_before": self._h0,
+                "probe_update_norm": step_norm,
             }
         )
         self._theta0 = self._grad = None
@@ -253,15 +218,14 @@ class EntropyMonitor(TrainerCallback):
         if self.rollout is None or self.entropy is None:
             return
         r = self.rollout
-        self.metrics["probe/seconds"] = self._probe_seconds
-        if self.trainer is not None and hasattr(self.trainer, "_metrics"):
-            for name, value in self.metrics.items():
-                self.trainer._metrics["train"][name].append(value)
+        self.metrics["probe_seconds"] = self._probe_seconds
+        if self.trainer is not None:
+            self.trainer.record_metrics(self.metrics)
         if self.writer is not None and state.global_step % self.write_every == 0:
             extra = {
                 "reward_mean": float(r.rewards.mean()),
                 "accuracy": float(r.correct.mean()),
-                **{k.replace("/", "_"): v for k, v in self.metrics.items()},
+                **self.metrics,  # the same names as in the trainer's logs
             }
             self.writer.write(state.global_step, self.trace_table(state.global_step), extra)
         self.rollout = None

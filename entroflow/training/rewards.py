@@ -1,10 +1,11 @@
-"""Rewards from answer correctness (math-verify) plus an optional format term, and advantages."""
+"""Rewards from answer correctness (math-verify) plus an optional format term.
+
+Advantages and which groups carry gradient depend on the algorithm: training.algorithms.
+"""
 
 from __future__ import annotations
 
 import re
-
-import numpy as np
 
 from entroflow.data.answers import is_correct
 
@@ -43,24 +44,3 @@ def make_reward_funcs(format_weight: float = 0.0) -> tuple[list, list[float]]:
     if format_weight:
         return [correctness, answer_format], [1.0, float(format_weight)]
     return [correctness], [1.0]
-
-
-def group_advantages(rewards: np.ndarray, group_size: int, scale: bool = True) -> np.ndarray:
-    """GRPO advantages: reward minus its group mean, divided by the group std (+1e-4) if `scale`.
-
-    Dr.GRPO uses scale=False. `rewards` holds consecutive groups of `group_size`.
-    """
-    rewards = np.asarray(rewards, dtype=np.float64)
-    if rewards.size % group_size:
-        raise ValueError(f"{rewards.size} rewards do not split into groups of {group_size}")
-    grouped = rewards.reshape(-1, group_size)
-    adv = grouped - grouped.mean(axis=1, keepdims=True)
-    if scale:
-        adv = adv / (grouped.std(axis=1, ddof=1, keepdims=True) + 1e-4)
-    return adv.reshape(-1)
-
-
-def informative_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
-    """Mask of groups whose rewards are not all equal (the only ones that carry gradient)."""
-    grouped = np.asarray(rewards).reshape(-1, group_size)
-    return grouped.max(axis=1) > grouped.min(axis=1)

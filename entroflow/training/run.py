@@ -16,22 +16,23 @@ from transformers.trainer_callback import PrinterCallback
 from entroflow.journal import fingerprint, folder_fingerprint
 from entroflow.lm.models import load_model, load_tokenizer
 from entroflow.training.monitor import EntropyMonitor
+from entroflow.training.traces import PROBE_COVARIANCE, PROBE_PREDICTED, PROBE_REALISED
 from entroflow.training.trainer import RunSettings, build_trainer, last_checkpoint, run_metadata
 
 log = logging.getLogger(__name__)
 LOGGED = (
     "reward",
     "entropy",
-    "probe/delta_h_predicted",
-    "probe/delta_h_realised",
-    "probe/delta_h_cov",
-    "probe/seconds",
+    PROBE_PREDICTED,
+    PROBE_REALISED,
+    PROBE_COVARIANCE,
+    "probe_seconds",
     "step_time",
 )
 
 
 class StepLog(TrainerCallback):
-    """One log line per step with reward, entropy, probe values and timing."""
+    """One log line per step with reward, entropy, the step probe's values and timing."""
 
     def __init__(self, total_steps: int):
         self.total = total_steps
@@ -40,7 +41,7 @@ class StepLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "reward" not in logs:
             return
-        parts = [f"{k.split('/')[-1]}={logs[k]:.4g}" for k in LOGGED if logs.get(k) is not None]
+        parts = [f"{k}={logs[k]:.4g}" for k in LOGGED if logs.get(k) is not None]
         elapsed = time.perf_counter() - self.t0
         log.info(
             "step %d/%d  %s  (%.0f s elapsed)",

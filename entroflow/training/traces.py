@@ -15,6 +15,11 @@ import numpy as np
 from entroflow.io import TokenTable, write_token_file
 
 QUANTILES = (50, 80, 90, 99)
+# The step probe (training.monitor), under these names in the trainer's logs, the manifest,
+# summary.json and the training figure alike:
+PROBE_PREDICTED = "probe_predicted"  # ⟨∇H̄, Δθ⟩: first-order change of the rollouts' mean entropy
+PROBE_REALISED = "probe_realised"  # H̄(θ + Δθ) - H̄(θ) on the same tokens
+PROBE_COVARIANCE = "probe_covariance"  # Cui et al.'s -κ Cov(log π, A)
 
 
 def step_stats(entropy: np.ndarray) -> dict:
@@ -90,9 +95,9 @@ class TraceWriter:
                 "mean",
                 "p80",
                 "reward_mean",
-                "probe_delta_h_predicted",
-                "probe_delta_h_realised",
-                "probe_delta_h_cov",
+                PROBE_PREDICTED,
+                PROBE_REALISED,
+                PROBE_COVARIANCE,
             ):
                 values = [r.get(key) for r in rows]
                 if all(v is not None for v in values):

@@ -19,18 +19,19 @@ from trl import GRPOConfig, GRPOTrainer
 
 from entroflow.estimators.delta_h import score_sequences
 from entroflow.lm.checkpoints import PARAM_NAMES_FILE
+from entroflow.training.algorithms import algorithm
 from entroflow.training.maxent import (
     MaxEntController,
     maxent_advantages,
     maxent_weights,
     weight_entropy,
 )
+from entroflow.training.rollout import Rollout, advantages_array, make_rollout
 from entroflow.training.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
 MAXENT_STATE_FILE = "maxent_state.json"
-ALGORITHMS = {"grpo": "grpo", "dr_grpo": "dr_grpo", "maxent_grpo": "dr_grpo"}  # -> TRL loss_type
 
 
 def optimizer_param_names(model, optimizer) -> list[list[str]]:
@@ -40,7 +41,52 @@ def optimizer_param_names(model, optimizer) -> list[list[str]]:
 
 
 class EntroflowGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose checkpoints also record the optimizer's parameter names."""
+    """GRPOTrainer with entroflow's one hook into TRL's rollouts, and named optimizer state.
+
+    The only place entroflow overrides TRL's private rollout methods: after TRL has generated,
+    rewarded and scored a training batch, it builds the step's `Rollout` once (training.rollout),
+    lets the algorithm replace the advantages (`rollout_advantages`, MaxEnt-GRPO), and hands the
+    rollout to every callback that defines `on_rollout(trainer, rollout)`. Its checkpoints also
+    record the optimizer's parameter names.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_rollout: Rollout | None = None
+        self._rewards_per_func: np.ndarray | None = None
+
+    def _calculate_rewards(self, inputs, *args, **kwargs):
+        per_func = super()._calculate_rewards(inputs, *args, **kwargs)  # (B, n_funcs), NaN: abstain
+        self._rewards_per_func = per_func.detach().cpu().numpy()
+        return per_func
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return out
+        rollout = make_rollout(
+            inputs, out, self._rewards_per_func, self.reward_weights.cpu(), self.num_generations
+        )
+        advantages = self.rollout_advantages(rollout)
+        if advantages is not None:
+            out["advantages"] = torch.as_tensor(
+                advantages, dtype=out["advantages"].dtype, device=out["advantages"].device
+            )
+            rollout.advantages = advantages_array(out["advantages"])
+        self.last_rollout = rollout
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "on_rollout"):
+                callback.on_rollout(self, rollout)
+        return out
+
+    def rollout_advantages(self, rollout: Rollout) -> np.ndarray | None:
+        """Advantages to use instead of TRL's group advantages (None: keep TRL's)."""
+        return None
+
+    def record_metrics(self, metrics: dict[str, float]) -> None:
+        """Add values to this step's training metrics (averaged and logged with TRL's own)."""
+        for name, value in metrics.items():
+            self._metrics["train"][name].append(value)
 
     def _checkpoint_dir(self, trial) -> str:
         return os.path.join(
@@ -67,15 +113,6 @@ class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
     def __init__(self, *args, maxent: MaxEntSettings | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.maxent = maxent or MaxEntSettings()
-        self._last_rewards: np.ndarray | None = None
-
-    def _calculate_rewards(self, inputs, *args, **kwargs):
-        per_func = super()._calculate_rewards(inputs, *args, **kwargs)
-        weights = self.reward_weights.to(per_func.device)
-        self._last_rewards = (
-            (torch.nan_to_num(per_func, nan=0.0) * weights).sum(dim=1).cpu().numpy()
-        )
-        return per_func
 
     @torch.no_grad()
     def _sequence_logprobs(self, prompt_ids, completion_ids) -> np.ndarray:
@@ -93,27 +130,18 @@ class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
         out[keep] = [float(lp.double().sum()) for lp in scores.logprob]
         return out
 
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        if not self.model.training:
-            return out
-        prompts = [
-            r[m.bool()].tolist() for r, m in zip(out["prompt_ids"], out["prompt_mask"], strict=True)
-        ]
-        completions = [
-            r[m.bool()].tolist()
-            for r, m in zip(out["completion_ids"], out["completion_mask"], strict=True)
-        ]
+    def rollout_advantages(self, rollout: Rollout) -> np.ndarray:
+        """A_i = G w_i - 1 from the MaxEnt weights at the controller's τ, β; then update τ, β."""
         was_training = self.model.training
         self.model.eval()
-        policy = self._sequence_logprobs(prompts, completions)
+        policy = self._sequence_logprobs(rollout.prompt_ids, rollout.completion_ids)
         with self.model.disable_adapter():
-            reference = self._sequence_logprobs(prompts, completions)
+            reference = self._sequence_logprobs(rollout.prompt_ids, rollout.completion_ids)
         self.model.train(was_training)
         g = self.num_generations
         ctrl = self.maxent.controller
         w = maxent_weights(
-            self._last_rewards.reshape(-1, g),
+            rollout.rewards.reshape(-1, g),
             reference.reshape(-1, g),
             ctrl.tau,
             ctrl.beta,
@@ -122,18 +150,16 @@ class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
         )
         kl = float(np.mean(policy - reference))
         h_w = weight_entropy(w)
-        for name, value in {
-            "maxent/tau": ctrl.tau,
-            "maxent/beta": ctrl.beta,
-            "maxent/weight_entropy": h_w,
-            "maxent/kl": kl,
-        }.items():
-            self._metrics["train"][name].append(value)
-        ctrl.update(h_w, kl)
-        out["advantages"] = torch.as_tensor(
-            maxent_advantages(w), dtype=out["advantages"].dtype, device=out["advantages"].device
+        self.record_metrics(
+            {
+                "maxent/tau": ctrl.tau,
+                "maxent/beta": ctrl.beta,
+                "maxent/weight_entropy": h_w,
+                "maxent/kl": kl,
+            }
         )
-        return out
+        ctrl.update(h_w, kl)
+        return maxent_advantages(w)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -154,28 +180,10 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def build_trainer(
-    settings: RunSettings,
-    model,
-    tokenizer,
-    train_dataset,
-    output_dir: str,
-    reward_funcs: list | None = None,
-):
-    """The run's trainer. `reward_funcs` (TRL signature, weight 1 each) replace the math rewards."""
-    from peft import LoraConfig
-
-    from entroflow.training.rewards import make_reward_funcs
-
-    if settings.algorithm not in ALGORITHMS:
-        raise ValueError(
-            f"unknown algorithm '{settings.algorithm}'; available: {', '.join(ALGORITHMS)}"
-        )
-    if reward_funcs is None:
-        reward_funcs, reward_weights = make_reward_funcs(settings.format_reward)
-    else:
-        reward_weights = [1.0] * len(reward_funcs)
-    args = GRPOConfig(
+def grpo_config(settings: RunSettings, output_dir: str, reward_weights: list[float]) -> GRPOConfig:
+    """TRL's arguments for a run: its algorithm's loss and reward scaling (training.algorithms)."""
+    algo = algorithm(settings.algorithm)
+    return GRPOConfig(
         output_dir=output_dir,
         per_device_train_batch_size=settings.prompts_per_step * settings.group_size,
         num_generations=settings.group_size,
@@ -191,8 +199,8 @@ def build_trainer(
         save_strategy="steps",
         logging_steps=1,
         beta=settings.beta,
-        loss_type=ALGORITHMS[settings.algorithm],
-        scale_rewards="none" if settings.algorithm == "dr_grpo" else "group",
+        loss_type=algo.loss_type,
+        scale_rewards=algo.scale_rewards,
         reward_weights=reward_weights,
         use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
@@ -201,22 +209,45 @@ def build_trainer(
         seed=settings.seed,
         data_seed=settings.seed,
     )
-    peft_config = LoraConfig(
+
+
+def lora_config(settings: RunSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
         target_modules=settings.lora_targets,
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
+
+
+def build_trainer(
+    settings: RunSettings,
+    model,
+    tokenizer,
+    train_dataset,
+    output_dir: str,
+    reward_funcs: list | None = None,
+) -> EntroflowGRPOTrainer:
+    """The run's trainer. `reward_funcs` (TRL signature, weight 1 each) replace the math rewards."""
+    from entroflow.training.rewards import make_reward_funcs
+
+    algo = algorithm(settings.algorithm)  # an unknown name fails here, before any model work
+    if reward_funcs is None:
+        reward_funcs, reward_weights = make_reward_funcs(settings.format_reward)
+    else:
+        reward_weights = [1.0] * len(reward_funcs)
     kwargs = dict(
         model=model,
         reward_funcs=reward_funcs,
-        args=args,
+        args=grpo_config(settings, output_dir, reward_weights),
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=lora_config(settings),
     )
-    if settings.algorithm == "maxent_grpo":
+    if algo.listwise:
         m = dict(settings.maxent)
         controller = MaxEntController(**m.pop("controller", {}))
         return MaxEntGRPOTrainer(**kwargs, maxent=MaxEntSettings(**m, controller=controller))

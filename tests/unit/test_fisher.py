@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from entroflow.estimators.adam import dot, replay_adamw
-from entroflow.estimators.delta_h import first_order_surrogate, rl_loss, score_sequences
+from entroflow.estimators.delta_h import first_order_surrogate, score_sequences
 from entroflow.estimators.fisher import (
     flatten_blocks,
     jl_sketch,
@@ -15,6 +15,7 @@ from entroflow.estimators.fisher import (
     kernel_delta_h,
     sequence_gradients,
 )
+from entroflow.training.algorithms import rl_loss
 from tests.conftest import float64_norms
 
 PAD = 0

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from entroflow.eval.evaluation import avg_at_k, pass_at_k, summarize
+from entroflow.training.algorithms import group_advantages, informative_groups
 from entroflow.training.maxent import (
     MaxEntController,
     maxent_advantages,
@@ -14,12 +15,7 @@ from entroflow.training.maxent import (
     target_distribution,
     weight_entropy,
 )
-from entroflow.training.rewards import (
-    correctness_rewards,
-    format_rewards,
-    group_advantages,
-    informative_groups,
-)
+from entroflow.training.rewards import correctness_rewards, format_rewards
 
 
 def test_rewards_from_conversational_completions():

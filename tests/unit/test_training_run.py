@@ -60,6 +60,9 @@ def test_checkpoint_state_maps_to_named_parameters(model_dir, problems, tiny_tok
     )
     monitor = EntropyMonitor.attach(trainer, trace_dir=str(tmp_path / "trace"))
     trainer.train()
+    # One way into TRL: the trainer subclass, no methods patched onto the instance.
+    assert not {"_calculate_rewards", "_generate_and_score_completions"} & set(vars(trainer))
+    assert trainer.last_rollout is not None and len(trainer.last_rollout.completion_ids) == 8
     ckpt = tmp_path / "checkpoint-4"
     for name in (
         "adapter_model.safetensors",
@@ -96,9 +99,7 @@ def test_checkpoint_state_maps_to_named_parameters(model_dir, problems, tiny_tok
         np.testing.assert_allclose(
             row["mean"], table["tokens/entropy"].astype(np.float64).mean(), rtol=1e-6
         )
-        assert np.isfinite(row["probe_delta_h_predicted"]) and np.isfinite(
-            row["probe_delta_h_realised"]
-        )
+        assert np.isfinite(row["probe_predicted"]) and np.isfinite(row["probe_realised"])
 
 
 def test_probe_is_first_order_exact_for_small_steps(model_dir, problems, tiny_tokenizer, tmp_path):
@@ -117,10 +118,10 @@ def test_probe_is_first_order_exact_for_small_steps(model_dir, problems, tiny_to
     monitor = EntropyMonitor.attach(trainer, trace_dir=str(tmp_path / "trace"))
     trainer.train()
     for row in monitor.writer.read_manifest():
-        pred, real = row["probe_delta_h_predicted"], row["probe_delta_h_realised"]
+        pred, real = row["probe_predicted"], row["probe_realised"]
         assert abs(pred) > 0
         assert real == pytest.approx(pred, rel=0.05, abs=1e-9)
-        assert np.isfinite(row["probe_delta_h_cov"])  # Cui et al.'s predictor, logged beside it
+        assert np.isfinite(row["probe_covariance"])  # Cui et al.'s predictor, logged beside it
 
 
 def test_resume_after_kill_matches_uninterrupted(model_dir, problems, tmp_path):

@@ -11,7 +11,9 @@ import json
 import numpy as np
 import pytest
 
-from entroflow.io import load_checked, read_token_file
+from entroflow.checkpoint.delta_h_result import DeltaHResult
+from entroflow.checkpoint.fisher_run import FisherResult
+from entroflow.io import load_checked
 from tests.workflow.test_workflow import ROOT, snakemake
 
 pytestmark = [pytest.mark.slow, pytest.mark.workflow]
@@ -61,49 +63,48 @@ def test_training_checkpoints_traces_and_eval(smollm2):
             assert (run / f"checkpoint-{step}" / name).exists(), name
     manifest = [json.loads(x) for x in (run / "trace/manifest.jsonl").read_text().splitlines()]
     assert [m["step"] for m in manifest] == [1, 2, 3, 4]
-    assert all(np.isfinite(m["probe_delta_h_predicted"]) for m in manifest)
+    assert all(np.isfinite(m["probe_predicted"]) for m in manifest)
     table = (run / "eval/table.csv").read_text().splitlines()
     assert table[0].startswith("step,pass@1,avg@1,pass@2,avg@2") and len(table) == 3
 
 
 def test_delta_h_first_order_agrees_at_small_eta_with_intervals(smollm2):
     for step in (2, 4):
-        est = read_token_file(
-            smollm2 / f"results/runs/smollm2/delta_h/checkpoint-{step}.h5", groups=[""]
-        )
-        e, attrs = est.groups[""], est.attrs
-        smallest = int(np.argmin(e["eta"]))
-        gap = abs(e["delta_h_first_order"][smallest] - e["delta_h_true"][smallest])
-        assert gap <= 3 * e["stderr"][smallest] + 1e-6, (step, gap, e["stderr"][smallest])
-        # The file contract: a 95% interval on every predictor, holding its estimate; none for
-        # the covariance predictor where one U group is informative (u_prompts 2 here).
-        u = read_token_file(
-            smollm2 / f"results/runs/smollm2/delta_h/checkpoint-{step}.h5", root="u_batch"
-        )
+        result = DeltaHResult.read(smollm2 / f"results/runs/smollm2/delta_h/checkpoint-{step}.h5")
+        e = result.estimates
+        smallest = int(np.argmin(e.eta))
+        gap = abs(e.first_order.value[smallest] - e.truth.value[smallest])
+        assert gap <= 3 * e.truth.stderr[smallest] + 1e-6, (step, gap, e.truth.stderr[smallest])
+        # A 95% interval on every predictor, holding its estimate; none for the covariance
+        # predictor where one U group is informative (u_prompts 2 here).
+        u = result.u_batch
         groups = len(np.unique(u["responses/prompt_index"][u["responses/kept"] == 1]))
-        for name in ("delta_h_true", "delta_h_first_order", "delta_h_cov", "nonlinearity"):
-            ci = e[name + "_ci"]
-            assert ci.shape == (len(e["eta"]), 2), name
-            if name == "delta_h_cov" and groups < 2:
-                assert np.isnan(ci).all()
+        for name in ("truth", "first_order", "covariance", "nonlinearity"):
+            interval = getattr(e, name)
+            assert interval.ci.shape == (len(e.eta), 2), name
+            if name == "covariance" and groups < 2:
+                assert np.isnan(interval.ci).all()
                 continue
-            assert np.all((ci[:, 0] <= e[name]) & (e[name] <= ci[:, 1])), name
+            inside = (interval.ci[:, 0] <= interval.value) & (interval.value <= interval.ci[:, 1])
+            assert inside.all(), name
         np.testing.assert_allclose(
-            e["delta_h_true"], e["delta_h_first_order"] + e["nonlinearity"], rtol=1e-9, atol=1e-12
+            e.truth.value, e.first_order.value + e.nonlinearity.value, rtol=1e-9, atol=1e-12
         )
-        assert attrs["verdict_at_lr"] in ("confirmed", "rejected", "undecided")
-        assert attrs["ground_truth_method"] and attrs["forward_equivalents"] > 0
+        assert result.verdict_at_lr in ("confirmed", "rejected", "undecided")
+        assert result.ground_truth_method and result.forward_equivalents > 0
         # δH₁'s relative error with Fieller's interval (NaN bounds where it is unbounded), and
         # the width the ground truth reaches with 16 prompts (no growth: e_samples_max 1).
-        assert e["relative_error_ci"].shape == (len(e["eta"]), 2)
-        assert attrs["e_responses"] == 16 and attrs["e_samples_per_prompt"] == 1
-        assert np.isfinite(attrs["relative_half_width_at_lr"])
-        print(f"checkpoint {step}: ΔH half-width {attrs['relative_half_width_at_lr']:.0%} of |ΔH|")
+        assert e.relative_error_ci.shape == (len(e.eta), 2)
+        assert result.e_responses == 16 and result.e_samples_per_prompt == 1
+        half = result.relative_half_width_at_lr
+        assert np.isfinite(half)
+        print(f"checkpoint {step}: ΔH half-width {half:.0%} of |ΔH|")
 
 
 def test_fisher_kernel_identity(smollm2):
     for step in (2, 4):
-        kernel = read_token_file(
-            smollm2 / f"results/runs/smollm2/fisher/checkpoint-{step}/kernel.h5", groups=[""]
+        kernel = FisherResult.read(
+            smollm2 / f"results/runs/smollm2/fisher/checkpoint-{step}/kernel.h5"
         )
-        assert kernel.attrs["identity_relative_error"] < 1e-3
+        # Backward-mode kernel row sums against the ΔH stage's forward-mode δH₁ (gradient part).
+        assert kernel.identity_relative_error < 1e-3

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from entroflow.config import schema_defaults
 from entroflow.io import TokenTable, token_texts
 
 # The paper's Qwen3-8B numbers (arXiv 2506.01939, Section 3), printed next to ours.
@@ -16,12 +17,17 @@ PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99)
 VISIBLE_WHITESPACE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
 
 
+_ANALYSIS = schema_defaults("analysis")
+
+
 @dataclass
 class AnalysisSettings:
-    forking_percentile: float = 80
-    low_entropy_percentile: float = 50
-    top_tokens: int = 100
-    min_token_count: int = 5
+    """The config's `analysis` section (the schema holds the defaults and descriptions)."""
+
+    forking_percentile: float = _ANALYSIS["forking_percentile"]
+    low_entropy_percentile: float = _ANALYSIS["low_entropy_percentile"]
+    top_tokens: int = _ANALYSIS["top_tokens"]
+    min_token_count: int = _ANALYSIS["min_token_count"]
 
 
 def entropy_stats(table: TokenTable, settings: AnalysisSettings) -> dict:

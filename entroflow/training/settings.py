@@ -8,26 +8,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from entroflow.config import schema_defaults
+
+_RUN = schema_defaults("runs", "*")
+_LORA = schema_defaults("runs", "*", "lora")
+
 
 @dataclass
 class RunSettings:
-    """One `runs.{name}` config entry (see the schema for descriptions)."""
+    """One `runs.{name}` config entry (see the schema for descriptions and the defaults)."""
 
-    algorithm: str = "dr_grpo"
-    steps: int = 30
-    save_every: int = 10
-    group_size: int = 8
-    prompts_per_step: int = 8
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: str | list[str] = "all-linear"
-    max_new_tokens: int = 96
-    temperature: float = 1.0
-    beta: float = 0.0
-    format_reward: float = 0.0
-    seed: int = 0
-    trace_every: int = 1
-    probe: bool = True
-    maxent: dict = field(default_factory=dict)
+    algorithm: str = _RUN["algorithm"]
+    steps: int = _RUN["steps"]
+    save_every: int = _RUN["save_every"]
+    group_size: int = _RUN["group_size"]
+    prompts_per_step: int = _RUN["prompts_per_step"]
+    learning_rate: float = _RUN["learning_rate"]
+    weight_decay: float = _RUN["weight_decay"]
+    lora_rank: int = _LORA["rank"]  # runs.{name}.lora.rank
+    lora_alpha: float = _LORA["alpha"]
+    lora_targets: str | list[str] = _LORA["targets"]
+    max_new_tokens: int = _RUN["max_new_tokens"]
+    temperature: float = _RUN["temperature"]
+    beta: float = _RUN["beta"]
+    format_reward: float = _RUN["format_reward"]
+    seed: int = _RUN["seed"]
+    trace_every: int = _RUN["trace_every"]
+    probe: bool = _RUN["probe"]
+    maxent: dict = field(default_factory=lambda: dict(_RUN["maxent"]))

@@ -1,4 +1,5 @@
-"""The checkpoint stages' settings (defaults from the schema) and results (file round trips)."""
+"""Stage settings take their defaults from the schema; the checkpoint stages' results survive
+their files (write, read)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ def test_stage_settings_defaults_are_the_schemas(stage, settings_class):
     assert keys <= fields, keys - fields  # a schema key the stage would not accept
     defaults = dataclasses.asdict(settings_class())
     assert {k: defaults[k] for k in keys} == {k: schema[k] for k in keys}
+
+
+def test_training_and_analysis_settings_defaults_are_the_schemas():
+    from entroflow.tokens.analysis import AnalysisSettings
+    from entroflow.training.settings import RunSettings
+
+    run, lora = schema_defaults("runs", "*"), schema_defaults("runs", "*", "lora")
+    settings = dataclasses.asdict(RunSettings())
+    for key, value in settings.items():
+        want = lora[key.removeprefix("lora_")] if key.startswith("lora_") else run[key]
+        assert value == want, key
+    analysis = schema_defaults("analysis")
+    assert all(v == analysis[k] for k, v in dataclasses.asdict(AnalysisSettings()).items())
 
 
 def test_stage_params_keep_only_what_the_stage_uses():

@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from entroflow.io import TokenTable, read_token_file, write_token_file
+from entroflow.io import ContractError, TokenTable, read_token_file, write_token_file
 
 SWEEP_KEYS = ("log_ratio", "h_new", "log_ratio_minus", "h_new_minus")
 UPDATE_GROUP = "update/denominator"
@@ -166,12 +166,18 @@ class DeltaHResult:
         """The file at `path`; `batches=False` skips the E/U tables and the update (fast)."""
         root = read_token_file(path, groups=[""])
         d, attrs = root.groups[""], dict(root.attrs)
+        names = {f.name for f in dataclasses.fields(cls)}
+        scalars = {k: v for k, v in attrs.items() if k in names}
+        missing = sorted(REQUIRED_ATTRIBUTES - set(scalars) - {"settings"})
+        if missing or UPDATE_GROUP.split("/")[0] not in _groups(path):
+            raise ContractError(
+                f"{path}: written by an older entroflow (no {', '.join(missing) or 'update'}); "
+                "make it again: snakemake --forcerun estimate_delta_h (see README, What reruns when)"
+            )
+        scalars["settings"] = json.loads(attrs.get("settings") or "{}")
         denominator = {}
         if batches:
             denominator = read_token_file(path, root=UPDATE_GROUP, groups=[""]).groups.get("", {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        scalars = {k: v for k, v in attrs.items() if k in names}
-        scalars["settings"] = json.loads(attrs.get("settings") or "{}")
         return cls(
             estimates=Estimates.from_datasets(d),
             sweep={k: d[k] for k in SWEEP_KEYS},
@@ -182,8 +188,17 @@ class DeltaHResult:
         )
 
 
-def _read_batch(path, root: str) -> TokenTable | None:
+def _groups(path) -> set[str]:
     with h5py.File(path, "r") as f:
-        if root not in f:
-            return None
-    return read_token_file(path, root=root)
+        return set(f)
+
+
+def _read_batch(path, root: str) -> TokenTable | None:
+    return read_token_file(path, root=root) if root in _groups(path) else None
+
+
+REQUIRED_ATTRIBUTES = {  # the scalar fields without a default: a file must have them all
+    f.name
+    for f in dataclasses.fields(DeltaHResult)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+} - {"estimates", "sweep", "e_batch", "u_batch", "denominator"}

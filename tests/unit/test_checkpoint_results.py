@@ -151,3 +151,16 @@ def test_fisher_result_round_trip(tmp_path):
         np.testing.assert_array_equal(getattr(back, name), arrays[name])
     assert back.step == 10 and back.identity_relative_error == 1e-9
     assert np.isnan(back.sketch_relative_error)
+
+
+def test_a_delta_h_file_from_an_older_entroflow_is_named(tmp_path):
+    """Files made before the Fisher stage read the update from them lack its attributes."""
+    import h5py
+
+    from entroflow.io import ContractError
+
+    delta_h_result(1e-3).write(tmp_path / "d.h5")
+    with h5py.File(tmp_path / "d.h5", "a") as f:
+        del f.attrs["adam_gradient_factor"]
+    with pytest.raises(ContractError, match="older entroflow .*adam_gradient_factor.*forcerun"):
+        DeltaHResult.read(tmp_path / "d.h5")

@@ -42,13 +42,49 @@ PRESETS: dict[str, dict] = {
         "answer_field": "answer",
         "prompt_template": MATH_TEMPLATE,
     },
-    "math500": {
+    # The evaluation sets of maxent-grpo (its `INFERENCE_DATASETS`): same hub ids, splits, fields.
+    "math_500": {
         "source": "hub",
         "path": "HuggingFaceH4/MATH-500",
         "split": "test",
         "problem_field": "problem",
         "answer_field": "answer",
         "id_field": "unique_id",
+        "prompt_template": MATH_TEMPLATE,
+    },
+    "aime24": {
+        "source": "hub",
+        "path": "HuggingFaceH4/aime_2024",
+        "split": "train",
+        "problem_field": "problem",
+        "answer_field": "answer",
+        "id_field": "id",
+        "prompt_template": MATH_TEMPLATE,
+    },
+    "aime25": {
+        "source": "hub",
+        "path": "yentinglin/aime_2025",
+        "split": "train",
+        "problem_field": "problem",
+        "answer_field": "answer",
+        "prompt_template": MATH_TEMPLATE,
+    },
+    "amc": {  # AMC 2022-2023 (83 problems); answers are numbers such as "142.0"
+        "source": "hub",
+        "path": "AI-MO/aimo-validation-amc",
+        "split": "train",
+        "problem_field": "problem",
+        "answer_field": "answer",
+        "id_field": "id",
+        "prompt_template": MATH_TEMPLATE,
+    },
+    "minerva": {  # Minerva Math (272 problems); the answer is the solution's last \boxed{}
+        "source": "hub",
+        "path": "svc-huggingface/minerva-math",
+        "split": "test",
+        "problem_field": "problem",
+        "answer_field": "solution",
+        "answer_format": "boxed",
         "prompt_template": MATH_TEMPLATE,
     },
     "gsm8k": {
@@ -64,6 +100,7 @@ PRESETS: dict[str, dict] = {
     "arithmetic": {"source": "builtin", "builtin": "arithmetic", "n": 64, "seed": 0},
 }
 
+PRESET_ALIASES = {"math500": "math_500"}  # earlier names, kept working
 BUILTINS = {"arithmetic": arithmetic.dataset_records}
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ENTRY_DEFAULTS = {
@@ -93,6 +130,7 @@ def resolve_entry(name: str, entry: dict) -> dict:
     preset = entry.pop("preset", None)
     base = {}
     if preset is not None:
+        preset = PRESET_ALIASES.get(preset, preset)
         if preset not in PRESETS:
             raise _unknown("dataset preset", preset, PRESETS)
         base = PRESETS[preset]
@@ -137,7 +175,22 @@ def extract_answer(raw, answer_format: str) -> str:
         return match.group(1).replace(",", "").strip() if match else ""
     if answer_format == "plain":
         return text.strip()
-    raise DatasetError(f"unknown answer_format '{answer_format}'; available: gsm8k, plain")
+    if answer_format == "boxed":  # a worked solution: the content of its last \boxed{...}
+        return last_boxed(text)
+    raise DatasetError(f"unknown answer_format '{answer_format}'; available: boxed, gsm8k, plain")
+
+
+def last_boxed(text: str) -> str:
+    """The content of the last \\boxed{...} in text, braces balanced ("" if there is none)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return ""
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j].strip()
+    return ""
 
 
 def _load_records(name: str, entry: dict):

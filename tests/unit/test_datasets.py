@@ -28,33 +28,71 @@ def write_rows(path, rows):
 PRESET_ROWS = {
     "hmmt_feb_2025": [{"problem_idx": 1, "problem": "Compute $1+1$.", "answer": "2"}],
     "aime_2025": [{"problem_idx": 1, "problem": "Find $x$.", "answer": "70"}],
-    "math500": [
+    "math_500": [
         {"problem": "What is $\\frac12$?", "answer": "\\frac{1}{2}", "unique_id": "test/x/1.json"}
     ],
     "gsm8k": [{"question": "Tom has 3 apples...", "answer": "3 + 4 = 7\n#### 1,007"}],
+    "aime24": [{"id": 60, "problem": "Find $m+n$.", "solution": "...", "answer": "204"}],
+    "aime25": [{"problem": "Find the sum.", "answer": "70"}],
+    "amc": [{"id": 0, "problem": "What is $x$?", "answer": 142.0, "url": "https://x"}],
+    "minerva": [
+        {
+            "problem": "Compute the speed.",
+            "solution": "So $v = \\boxed{4.5 \\times 10^{3}}$ m/s. Final answer: 4.5e3.",
+            "type": "Physics",
+            "idx": 0,
+        }
+    ],
 }
+EXPECTED_ANSWER = {
+    "gsm8k": "1007",
+    "math_500": "\\frac{1}{2}",
+    "amc": "142.0",
+    "minerva": "4.5 \\times 10^{3}",
+}
+EXPECTED_ID = {"math_500": "test/x/1.json", "aime24": "60", "amc": "0"}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_ROWS))
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv"])
 def test_preset_field_mapping_on_local_files(tmp_path, preset, suffix):
+    """Each preset's columns, read from a local file through the same code path as the hub."""
     path = write_rows(tmp_path / f"data{suffix}", PRESET_ROWS[preset])
     frame = load_problems("d", {"preset": preset, "source": "local", "path": str(path)})
     row = PRESET_ROWS[preset][0]
     assert list(frame.columns) == ["id", "problem", "answer", "prompt"]
     assert frame.problem[0] == str(row[PRESETS[preset]["problem_field"]])
     assert frame.prompt[0].startswith(frame.problem[0]) and "\\boxed{}" in frame.prompt[0]
-    expected = {"gsm8k": "1007", "math500": "\\frac{1}{2}"}.get(preset, row["answer"])
-    assert frame.answer[0] == expected
-    if preset == "math500":
-        assert frame.id[0] == "test/x/1.json"
+    assert frame.answer[0] == EXPECTED_ANSWER.get(preset, row.get("answer"))
+    assert frame.id[0] == EXPECTED_ID.get(preset, "d-0")
+
+
+def test_preset_names_of_maxent_grpo_and_the_old_alias():
+    hub = {name: (PRESETS[name]["path"], PRESETS[name]["split"]) for name in EXPECTED_HUB}
+    assert hub == EXPECTED_HUB
+    old = resolve_entry("x", {"preset": "math500"})
+    assert old == resolve_entry("x", {"preset": "math_500"}) and old["source"] == "hub"
+
+
+EXPECTED_HUB = {  # maxent-grpo's evaluation presets (hub id, split)
+    "math_500": ("HuggingFaceH4/MATH-500", "test"),
+    "aime24": ("HuggingFaceH4/aime_2024", "train"),
+    "aime25": ("yentinglin/aime_2025", "train"),
+    "amc": ("AI-MO/aimo-validation-amc", "train"),
+    "minerva": ("svc-huggingface/minerva-math", "test"),
+}
+
+
+def test_preset_boxed_answers_take_the_last_balanced_box():
+    assert extract_answer("\\boxed{1} then \\boxed{\\frac{a}{b}}.", "boxed") == "\\frac{a}{b}"
+    assert extract_answer("no box here", "boxed") == ""
+    assert extract_answer("\\boxed{unclosed", "boxed") == ""
 
 
 def test_hub_presets_name_the_real_datasets():
     assert PRESETS["hmmt_feb_2025"]["path"] == "MathArena/hmmt_feb_2025"
     assert PRESETS["hmmt_feb_2025"]["split"] == "train"
     assert PRESETS["gsm8k"]["name"] == "main"
-    assert resolve_entry("x", {"preset": "math500"})["source"] == "hub"
 
 
 def test_builtin_arithmetic_is_deterministic():
@@ -82,7 +120,7 @@ def test_limit_and_template(tmp_path):
 @pytest.mark.parametrize(
     "entry,message",
     [
-        ({"preset": "nope"}, "unknown dataset preset 'nope'; available: aime_2025, arithmetic"),
+        ({"preset": "nope"}, "unknown dataset preset 'nope'; available: aime24, aime25, aime_2025, amc, arithmetic"),
         ({"source": "ftp"}, "source must be one of"),
         ({"source": "local"}, "needs a 'path'"),
         ({"source": "local", "path": "/no/such/file.jsonl"}, "not found"),

@@ -120,7 +120,10 @@ def test_limit_and_template(tmp_path):
 @pytest.mark.parametrize(
     "entry,message",
     [
-        ({"preset": "nope"}, "unknown dataset preset 'nope'; available: aime24, aime25, aime_2025, amc, arithmetic"),
+        (
+            {"preset": "nope"},
+            "unknown dataset preset 'nope'; available: aime24, aime25, aime_2025, amc, arithmetic",
+        ),
         ({"source": "ftp"}, "source must be one of"),
         ({"source": "local"}, "needs a 'path'"),
         ({"source": "local", "path": "/no/such/file.jsonl"}, "not found"),

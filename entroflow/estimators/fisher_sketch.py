@@ -16,8 +16,13 @@ Adam's √P = D^(-1/2) (elementwise) does not factor. Two ways to handle it:
   into δ and x before projecting (ρ times the projection work). Adam's second moment is nearly
   rank one for a matrix weight (Adafactor's premise), so ρ = 1 is close; `preconditioner_error`
   measures how close, and the kernel's error includes it.
-- `preconditioner="exact"`: form each layer's per-sequence gradients for one batch, scale by √P,
-  then project; exact in P, transient memory one layer's (batch x out x in).
+- `preconditioner="exact"`: form each layer's per-sequence gradients for one batch (the einsum
+  that replaces the weight gradient of a plain backward), scale by √P ⊙ S, then project; exact in
+  P, transient memory one layer's (batch x out x in), never a whole row. S is a seeded ±1 matrix:
+  ⟨S⊙A, S⊙B⟩ = ⟨A, B⟩, so it changes nothing in expectation, but it gives each row of LoRA's
+  narrow (unprojected) side its own projection R·diag(s_i), which removes the correlation between
+  rows that a shared R keeps (a per-sequence LoRA gradient has rank ≤ min(T, r)): the error
+  becomes that of a JL sketch of the layer's whole block, not of k_in numbers.
 
 The exact blocked kernel (`fisher.kernel_blocked`) stays the reference for small sets.
 """
@@ -49,6 +54,12 @@ def projection(dim: int, k: int, seed: int, name: str) -> torch.Tensor | None:
     return torch.randn(k, dim, generator=g, dtype=torch.float64) / np.sqrt(k)
 
 
+def signs(shape: tuple[int, ...], seed: int, name: str) -> torch.Tensor:
+    """Seeded ±1 of `shape` (float64), depending only on (seed, name, shape)."""
+    g = torch.Generator().manual_seed((seed * 999_983 + zlib.crc32(name.encode()) + 7) % 2**63)
+    return torch.randint(0, 2, shape, generator=g, dtype=torch.float64) * 2 - 1
+
+
 def factor_preconditioner(sqrt_p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(a (ρ, out), b (ρ, in)) with Σ_j a_j b_jᵀ the best rank-ρ approximation of √P (out, in)."""
     u, s, vh = torch.linalg.svd(sqrt_p.double(), full_matrices=False)
@@ -78,7 +89,7 @@ class LayerSketch:
     proj_in: torch.Tensor | None  # (k_in, in) or None
     a: torch.Tensor | None  # (ρ, out) √P's row factors ('factored'), None otherwise
     b: torch.Tensor | None  # (ρ, in)
-    sqrt_p: torch.Tensor | None  # (out, in) ('exact'), None otherwise
+    sqrt_p: torch.Tensor | None  # (out, in) √P ⊙ S ('exact'), None otherwise
 
     @property
     def k_out(self) -> int:
@@ -108,6 +119,7 @@ class FactoredSketch:
         preconditioner: str = "factored",
         rank: int = 1,
         dtype: torch.dtype = torch.float32,
+        random_signs: bool = True,
     ):
         if preconditioner not in PRECONDITIONERS:
             raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}")
@@ -125,7 +137,10 @@ class FactoredSketch:
             if preconditioner == "factored":
                 a, b = (t.to(dtype) for t in factor_preconditioner(sqrt_p[name], rank))
             elif preconditioner == "exact":
-                full = sqrt_p[name].to(dtype)
+                full = sqrt_p[name].double()
+                if random_signs:
+                    full = full * signs(tuple(full.shape), seed, name)
+                full = full.to(dtype)
             proj_out = projection(out_f, k_out, seed, name + ":out")
             proj_in = projection(in_f, k_in, seed, name + ":in")
             self.layers[name] = LayerSketch(

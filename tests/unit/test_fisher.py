@@ -222,9 +222,11 @@ def test_factored_preconditioner_is_exact_when_p_is_rank_one(lora_model, exact_c
     g_e, g_u = (exact_rows(lora_model, *s, names, sqrt_p) for s in (e, u))
     factored, _ = sketch_kernel(lora_model, names, sqrt_p, e, u, k_in=0, k_out=0, rank=1)
     torch.testing.assert_close(factored, g_e @ g_u.T, atol=1e-10, rtol=1e-8)
-    # with projections too: the factored and the exact-P sketches are the same numbers
+    # with projections too (and no random signs): the factored and exact-P sketches are the same
     proj = dict(k_in=4, k_out=4, seed=3)
-    exact_p, _ = sketch_kernel(lora_model, names, sqrt_p, e, u, preconditioner="exact", **proj)
+    exact_p, _ = sketch_kernel(
+        lora_model, names, sqrt_p, e, u, preconditioner="exact", random_signs=False, **proj
+    )
     factored, _ = sketch_kernel(lora_model, names, sqrt_p, e, u, rank=1, **proj)
     torch.testing.assert_close(factored, exact_p, atol=1e-10, rtol=1e-8)
 
@@ -270,3 +272,36 @@ def test_sketch_error_falls_with_k(lora_model, exact_case):
         errors.append(float(np.mean(errs)))
     assert errors[0] > errors[1] > errors[2] > 0
     assert errors[2] < 0.6 * errors[0]  # measured 0.27, 0.14, 0.10
+
+
+def test_random_signs_lower_the_sketch_error(lora_model, exact_case):
+    """Exact P at k = 8: ±1 signs folded into √P give each row of LoRA's unprojected side its own
+    projection; over 10 seeds the error is lower than with one shared projection (measured 0.068
+    against 0.090)."""
+    names, e, u, sqrt_p, kernel, n_e, n_u = exact_case
+
+    def mean_error(random_signs):
+        return np.mean(
+            [
+                cosine_error_rms(
+                    sketch_kernel(
+                        lora_model,
+                        names,
+                        sqrt_p,
+                        e,
+                        u,
+                        k_in=8,
+                        k_out=8,
+                        seed=s,
+                        preconditioner="exact",
+                        random_signs=random_signs,
+                    )[0],
+                    kernel,
+                    n_e,
+                    n_u,
+                )
+                for s in range(10)
+            ]
+        )
+
+    assert mean_error(True) < 0.9 * mean_error(False)

@@ -172,18 +172,34 @@ class FactoredSketch:
         """(B, k_out·k_in) sketch of each sequence's √P ⊙ G for this layer."""
         layer = self.layers[name]
         if self.preconditioner == "exact":
-            g = torch.einsum("bto,bti->boi", delta.to(self.dtype), x_kept) * layer.sqrt_p
-            if layer.proj_out is not None:
-                g = layer.proj_out @ g
-            if layer.proj_in is not None:
-                g = g @ layer.proj_in.T
-            return g.reshape(g.shape[0], -1)
+            return self.project_gradient(
+                name, torch.einsum("bto,bti->boi", delta.to(self.dtype), x_kept)
+            )
         d = self._side(delta, layer.a, layer.proj_out)  # (B, T, ρ, k_out)
         if d.shape[2] == 1:
             s = torch.einsum("bto,bti->boi", d[:, :, 0], x_kept[:, :, 0])
         else:
             s = torch.einsum("btjo,btji->boi", d, x_kept)
         return s.reshape(s.shape[0], -1)
+
+    def project_gradient(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        """(B, k_out·k_in) sketches of formed per-sequence gradients g (B, out, in) of one layer
+        (exact P: g ⊙ √P ⊙ S, then the projections)."""
+        layer = self.layers[name]
+        if self.preconditioner == "factored":
+            raise ValueError("formed gradients take the exact preconditioner")
+        g = g.to(self.dtype)
+        if layer.sqrt_p is not None:
+            g = g * layer.sqrt_p
+        if layer.proj_out is not None:
+            g = layer.proj_out @ g
+        if layer.proj_in is not None:
+            g = g @ layer.proj_in.T
+        return g.reshape(g.shape[0], -1)
+
+    def from_gradients(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, dim) sketches from `fisher.sequence_gradients`' per-sequence ∇S (unscaled)."""
+        return torch.cat([self.project_gradient(n, grads[n]) for n in self.names], dim=1)
 
     # ---- whole sequences --------------------------------------------------------------------
     def sequences(

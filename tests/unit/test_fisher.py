@@ -305,3 +305,26 @@ def test_random_signs_lower_the_sketch_error(lora_model, exact_case):
         )
 
     assert mean_error(True) < 0.9 * mean_error(False)
+
+
+def test_stage_streams_the_factored_sketch(lora_model, exact_case, tmp_path):
+    """The Fisher stage's factored sketch (from the formed per-sequence gradients) is the one the
+    estimator makes from layer inputs and output gradients, and its row norms are ‖√P ⊙ ∇S‖."""
+    import h5py
+
+    from entroflow.checkpoint.fisher_run import factored_sketch, stream_gradients
+    from entroflow.checkpoint.settings import FisherSettings
+
+    names, e, _, sqrt_p, _, n_e, _ = exact_case
+    settings = FisherSettings(sketch="factored", sketch_side=4, seed=2, max_tokens_per_batch=20)
+    factored = factored_sketch(lora_model, sqrt_p, settings)
+    with h5py.File(tmp_path / "g.h5", "w") as store:
+        sketch, norms = stream_gradients(
+            lora_model, *e, names, sqrt_p, store, "e", settings, PAD, 1.0, factored=factored
+        )
+    direct = factored.sketch_all(
+        lora_model, *e, pad_token_id=PAD, temperature=1.0, max_tokens_per_batch=20
+    )
+    np.testing.assert_allclose(sketch, direct.numpy(), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(norms, n_e, rtol=1e-10)
+    assert factored_sketch(lora_model, sqrt_p, FisherSettings(sketch="jl")) is None

@@ -72,6 +72,8 @@ bench: venv
 	$(BIN)/python bench/probe_overhead.py
 	test -f results/runs/demo/delta_h/checkpoint-10.h5 || $(BIN)/snakemake results/runs/demo/delta_h/checkpoint-10.h5
 	$(BIN)/python bench/delta_h_fisher_cost.py
+	$(BIN)/python bench/per_sequence_gradients.py
+	$(BIN)/python bench/fisher_sketch.py
 	$(BIN)/python bench/viewer_load.py
 	$(BIN)/python bench/cpu_scoring_memory.py
 

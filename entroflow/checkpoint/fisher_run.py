@@ -3,11 +3,13 @@
 1. Read the ΔH file: E-batch first draws, the U-batch's kept sequences and advantages, Adam's
    D of the replayed step (P = 1 / D), and the first-order tangents along its gradient part.
 2. Stream √P ⊙ ∇S of every E and U sequence to an HDF5 gradient store, row batch by row batch
-   (chunked by column blocks), and project each row with a seeded JL matrix on the way.
+   (chunked by column blocks), and sketch each sequence on the way: `sketch: factored` (default)
+   projects each LoRA layer's per-sequence gradient on its own (`estimators.fisher_sketch`, the
+   sketch that scales to 10⁴ x 10⁴ sequences), `jl` projects whole rows with one seeded matrix.
 3. Accumulate K = G_E G_Uᵀ over column blocks read back from the store (peak memory: one block).
 4. Check the reconstruction identity: K's coefficient-weighted row sums (backward mode, this
    stage) against the ΔH stage's δH₁ gradient part for the surprisal estimator on the same E
-   sequences (forward mode); and the sketch's error against K.
+   sequences (forward mode); and the sketch's error against K (relative, and in cosine units).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from entroflow.estimators.fisher import (
     kernel_delta_h,
     sequence_gradients,
 )
+from entroflow.estimators.fisher_sketch import FactoredSketch, cosine_error_rms
 from entroflow.io import TokenTable, read_token_file, write_token_file
 from entroflow.training.algorithms import loss_coefficients
 
@@ -57,7 +60,7 @@ class FisherResult:
     """fisher/checkpoint-{step}/kernel.h5: the kernel, its sequences' metadata, its checks."""
 
     K: np.ndarray  # (N_E, N_U) Adam-preconditioned Fisher kernel ⟨√P∇S_e, √P∇S_u⟩
-    K_sketch: np.ndarray  # (N_E, N_U) the JL sketch's estimate of K (zeros without a sketch)
+    K_sketch: np.ndarray  # (N_E, N_U) the sketch's estimate of K (zeros without a sketch)
     e_dataset_index: np.ndarray  # (N_E,) problem row of each E sequence
     u_dataset_index: np.ndarray  # (N_U,)
     e_length: np.ndarray  # (N_E,) response tokens
@@ -70,7 +73,7 @@ class FisherResult:
     identity_from_kernel: float  # δH₁'s gradient part per unit η (surprisal), from K's row sums
     identity_from_delta_h: float  # ... the ΔH stage's forward-mode value, same E sequences
     identity_relative_error: float
-    sketch_dim: int
+    sketch_dim: int  # numbers per sequence of the sketch
     sketch_relative_error: float  # ‖K_sketch - K‖ / ‖K‖ (NaN without a sketch)
     parameters: int  # columns of the gradient store (trainable parameters)
     gradient_seconds: float
@@ -79,6 +82,8 @@ class FisherResult:
     checkpoint: str = ""
     step: int = -1
     settings: dict = field(default_factory=dict)
+    sketch_kind: str = ""  # factored | jl ("" without a sketch, or a file from before)
+    sketch_cosine_error_rms: float = float("nan")  # RMS of |K_sketch - K| / (‖g‖‖g'‖)
 
     def write(self, path: str | os.PathLike) -> None:
         fields = dataclasses.asdict(self)
@@ -104,9 +109,20 @@ def batch_sequences(table: TokenTable, rows: np.ndarray | None = None):
 
 
 def stream_gradients(
-    model, prompts, responses, names, sqrt_p, store: h5py.File, key: str, settings, pad, temperature
+    model,
+    prompts,
+    responses,
+    names,
+    sqrt_p,
+    store: h5py.File,
+    key: str,
+    settings,
+    pad,
+    temperature,
+    factored: FactoredSketch | None = None,
 ):
-    """Write (N, D) √P ⊙ ∇S rows to store[key]; return the (N, k) JL sketch."""
+    """Write (N, D) √P ⊙ ∇S rows to store[key]; return the (N, k) sketch (the factored one when
+    given, else JL of `settings.sketch_dim`) and the rows' norms ‖√P ⊙ ∇S‖."""
     sizes = [int(np.prod(sqrt_p[n].shape)) for n in names]
     total = sum(sizes)
     dtype = np.float16 if settings.gradient_dtype == "float16" else np.float32
@@ -116,7 +132,8 @@ def stream_gradients(
         dtype=dtype,
         chunks=(min(len(prompts), 64), min(total, settings.block)),
     )
-    sketch = np.zeros((len(prompts), settings.sketch_dim))
+    sketch = np.zeros((len(prompts), factored.dim if factored else settings.sketch_dim))
+    norms = np.zeros(len(prompts))
     for idx, grads in sequence_gradients(
         model,
         prompts,
@@ -130,7 +147,10 @@ def stream_gradients(
         order = np.argsort(idx)
         idx_sorted = np.asarray(idx)[order]
         ds[idx_sorted.tolist()] = rows[order].numpy().astype(dtype)  # h5py needs increasing indices
-        if settings.sketch_dim:
+        norms[idx] = rows.norm(dim=1).numpy()
+        if factored is not None:
+            sketch[idx] = factored.from_gradients(grads).double().numpy()
+        elif settings.sketch_dim:
             for start in range(0, total, settings.block):
                 sketch[idx] += jl_sketch(
                     rows[:, start : start + settings.block],
@@ -138,7 +158,7 @@ def stream_gradients(
                     settings.seed,
                     start,
                 ).numpy()
-    return sketch
+    return sketch, norms
 
 
 def kernel_from_store(store: h5py.File, block: int) -> np.ndarray:
@@ -197,23 +217,43 @@ def preconditioner_sqrt(model, delta_h: DeltaHResult) -> dict[str, torch.Tensor]
     return {n: torch.as_tensor(delta_h.denominator[n]).double().rsqrt() for n in names}
 
 
+def factored_sketch(model, sqrt_p, settings) -> FactoredSketch | None:
+    """The stage's factored sketch (exact √P, k = settings.sketch_side per projected side), or
+    None for `sketch: jl` or no sketch."""
+    if settings.sketch != "factored" or not settings.sketch_dim:
+        return None
+    side = settings.sketch_side
+    return FactoredSketch(
+        model,
+        list(sqrt_p),
+        k_in=side,
+        k_out=side,
+        seed=settings.seed,
+        sqrt_p=sqrt_p,
+        preconditioner="exact",
+        dtype=torch.float64,
+    )
+
+
 def gradient_kernel(model, seqs: KernelSequences, sqrt_p, settings, pad, temperature, store_path):
-    """(K, E sketch, U sketch, parameters, gradient seconds, kernel seconds)."""
+    """(K, E sketch, U sketch, parameters, gradient seconds, kernel seconds, E norms, U norms)."""
     t0 = time.perf_counter()
     names = list(sqrt_p)
-    stream = dict(settings=settings, pad=pad, temperature=temperature)
+    factored = factored_sketch(model, sqrt_p, settings)
+    stream = dict(settings=settings, pad=pad, temperature=temperature, factored=factored)
     Path(store_path).parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(store_path, "w") as store:
-        sk_e = stream_gradients(
+        sk_e, n_e = stream_gradients(
             model, seqs.e_prompts, seqs.e_responses, names, sqrt_p, store, "e", **stream
         )
-        sk_u = stream_gradients(
+        sk_u, n_u = stream_gradients(
             model, seqs.u_prompts, seqs.u_responses, names, sqrt_p, store, "u", **stream
         )
         t_grad = time.perf_counter() - t0
         kernel = kernel_from_store(store, settings.block)
         n_params = store["e"].shape[1]
-    return kernel, sk_e, sk_u, int(n_params), t_grad, time.perf_counter() - t0 - t_grad
+    t_kernel = time.perf_counter() - t0 - t_grad
+    return kernel, sk_e, sk_u, int(n_params), t_grad, t_kernel, n_e, n_u
 
 
 def sketch_error(kernel: np.ndarray, sketch: np.ndarray | None) -> float:
@@ -236,7 +276,7 @@ def fisher_kernel_stage(
     seqs = KernelSequences.from_delta_h(delta_h, settings.e_responses)
     sqrt_p = preconditioner_sqrt(model, delta_h)
     reference, s_eval = identity_reference(e_batch, seqs.e_rows)
-    kernel, sk_e, sk_u, n_params, t_grad, t_kernel = gradient_kernel(
+    kernel, sk_e, sk_u, n_params, t_grad, t_kernel, n_e, n_u = gradient_kernel(
         model, seqs, sqrt_p, settings, tokenizer.pad_token_id, run.temperature, store_path
     )
     advantages = u_batch["responses/advantage"][seqs.u_rows].astype(np.float64)
@@ -273,8 +313,12 @@ def fisher_kernel_stage(
         identity_from_kernel=from_kernel,
         identity_from_delta_h=reference,
         identity_relative_error=rel_error,
-        sketch_dim=settings.sketch_dim,
+        sketch_dim=0 if sketch is None else sk_e.shape[1],
         sketch_relative_error=sketch_error(kernel, sketch),
+        sketch_kind="" if sketch is None else settings.sketch,
+        sketch_cosine_error_rms=(
+            float("nan") if sketch is None else cosine_error_rms(sketch, kernel, n_e, n_u)
+        ),
         parameters=n_params,
         gradient_seconds=t_grad,
         kernel_seconds=t_kernel,

@@ -40,7 +40,9 @@ class FisherSettings:
 
     block: int = _FISHER["block"]  # parameter columns per block: peak ~ (N_E + N_U) x block x 4 B
     gradient_dtype: str = _FISHER["gradient_dtype"]  # float32 | float16 in the gradient store
-    sketch_dim: int = _FISHER["sketch_dim"]  # JL dimension k (0: no sketch)
+    sketch: str = _FISHER["sketch"]  # factored | jl
+    sketch_dim: int = _FISHER["sketch_dim"]  # jl: dimension k (0: no sketch of either kind)
+    sketch_side: int = _FISHER["sketch_side"]  # factored: k of each projected layer side
     seed: int = _FISHER["seed"]
     e_responses: int = _FISHER["e_responses"]  # the E-batch's first draws, in order
     max_tokens_per_batch: int = 4096

@@ -1,9 +1,10 @@
 """Adam-preconditioned Fisher kernel K₁(t, t') = Σ_α ∂_α S(t) P_α ∂_α S(t') between sequences.
 
-Per-sequence gradients of S(y) = Σ_t log π(y_t) come from one batched backward with hooks on
-the LoRA Linear layers (PEFT's lora_A / lora_B): for a bias-free Linear with input a (B, T, in)
-and output gradient e (B, T, out), sequence b's weight gradient is Σ_t e[b,t] ⊗ a[b,t], exactly,
-because sequences in a batch do not interact and padding carries no gradient. Gradients are
+Per-sequence gradients of S(y) = Σ_t log π(y_t) come from one batched backward: forward hooks on
+the LoRA Linear layers (PEFT's lora_A / lora_B) keep each layer's input a (B, T, in) and output,
+the backward asks autograd for the outputs' gradients e (B, T, out) only (no weight gradient, no
+backward hook), and sequence b's weight gradient is Σ_t e[b,t] ⊗ a[b,t], exactly, because
+sequences in a batch do not interact and padding carries no gradient. Gradients are
 scaled once by √P (P = 1/D from the replayed AdamW step), so K = G_E G_Uᵀ, accumulated over
 parameter blocks without ever holding all gradients at once.
 """
@@ -19,35 +20,42 @@ from entroflow.lm.batching import pair_batches
 from entroflow.lm.scoring import batch_scores, unwrap_peft
 
 
-class PerSampleGrads:
-    """Hooks that turn one backward of Σ_b S_b into per-sequence gradients of named Linear weights."""
+def lora_linears(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.nn.Linear]:
+    """{weight name: its bias-free Linear module} for named Linear weights (PEFT's lora_A / lora_B)."""
+    modules = dict(unwrap_peft(model).named_modules())
+    params = dict(model.named_parameters())
+    targets = {}
+    for name in names:
+        module_name = name.rsplit(".", 1)[0]
+        module = modules.get(module_name.removeprefix("base_model.model."))
+        if (
+            not isinstance(module, torch.nn.Linear)
+            or module.bias is not None
+            or not name.endswith(".weight")
+        ):
+            raise ValueError(f"per-sample hooks need bias-free Linear weights; {name} is not one")
+        if module.weight is not params[name]:
+            raise ValueError(f"{name} does not belong to module {module_name}")
+        targets[name] = module
+    return targets
 
-    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
-        modules = dict(unwrap_peft(model).named_modules())
-        params = dict(model.named_parameters())
-        self.targets = {}  # parameter name -> module
-        for name in names:
-            module_name = name.rsplit(".", 1)[0]
-            module = modules.get(module_name.removeprefix("base_model.model."))
-            if (
-                not isinstance(module, torch.nn.Linear)
-                or module.bias is not None
-                or not name.endswith(".weight")
-            ):
-                raise ValueError(
-                    f"per-sample hooks need bias-free Linear weights; {name} is not one"
-                )
-            if module.weight is not params[name]:
-                raise ValueError(f"{name} does not belong to module {module_name}")
-            self.targets[name] = module
+
+class LayerCapture:
+    """Forward hooks that keep each target Linear's input (optionally transformed on the spot, e.g.
+    projected) and its output tensor; `output_grads(loss)` then returns ∂loss/∂output per layer
+    from one backward that asks autograd for those tensors only, so no weight gradient (and no
+    backward hook) is ever computed."""
+
+    def __init__(self, targets: dict[str, torch.nn.Module], transform=None):
+        self.targets = targets
+        self.transform = transform  # (name, input) -> what to keep
         self.inputs: dict[str, torch.Tensor] = {}
-        self.grads: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
         self._handles = []
 
     def __enter__(self):
         for name, module in self.targets.items():
-            self._handles.append(module.register_forward_hook(self._save_input(name)))
-            self._handles.append(module.register_full_backward_hook(self._per_sample(name)))
+            self._handles.append(module.register_forward_hook(self._save(name)))
         return self
 
     def __exit__(self, *exc):
@@ -55,19 +63,25 @@ class PerSampleGrads:
             h.remove()
         self._handles.clear()
 
-    def _save_input(self, name):
+    def _save(self, name):
         def hook(module, args, output):
-            self.inputs[name] = args[0].detach()
+            if not output.requires_grad:  # e.g. the scorer's once-per-model no-grad head check
+                return
+            if name in self.outputs:
+                raise ValueError(f"{name} ran twice in one forward; per-sample hooks need once")
+            x = args[0].detach()
+            self.inputs[name] = x if self.transform is None else self.transform(name, x)
+            self.outputs[name] = output
 
         return hook
 
-    def _per_sample(self, name):
-        def hook(module, grad_input, grad_output):
-            a, e = self.inputs.pop(name), grad_output[0].detach()
-            # (B, T, out) x (B, T, in) -> (B, out, in), in float64 for the accumulation
-            self.grads[name] = torch.einsum("bto,bti->boi", e.double(), a.double())
-
-        return hook
+    def output_grads(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        names = list(self.outputs)
+        grads = torch.autograd.grad(
+            loss, [self.outputs[n] for n in names], allow_unused=True, materialize_grads=True
+        )
+        self.outputs.clear()
+        return dict(zip(names, grads, strict=True))
 
 
 def sequence_gradients(
@@ -81,9 +95,9 @@ def sequence_gradients(
     max_tokens_per_batch: int = 4096,
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yields (sequence indices, {name: (b, *shape) ∇S per sequence}) batch by batch."""
-    params = dict(model.named_parameters())
+    targets = lora_linears(model, names)
     for batch in pair_batches(prompts, responses, max_tokens_per_batch):
-        with PerSampleGrads(model, names) as hooks:
+        with LayerCapture(targets) as capture:
             # One forward in exactly this order: the hooks' batch rows are these sequences.
             _, logprob = batch_scores(
                 model,
@@ -93,8 +107,13 @@ def sequence_gradients(
                 temperature=temperature,
                 accum_dtype=torch.float64,
             )
-            torch.autograd.grad(logprob.sum(), [params[n] for n in names])
-        yield batch, hooks.grads
+            out_grads = capture.output_grads(logprob.sum())
+        grads = {}
+        for name in names:
+            a, e = capture.inputs.pop(name), out_grads.pop(name).detach()
+            # (B, T, out) x (B, T, in) -> (B, out, in), in float64 for the accumulation
+            grads[name] = torch.einsum("bto,bti->boi", e.double(), a.double())
+        yield batch, grads
 
 
 def flatten_blocks(

@@ -6,12 +6,13 @@
 Runs the same Dr.GRPO run (same seed, so the same rollouts and updates) as: bare TRL
 GRPOTrainer; + entropy trace; + trace and the step probe with the defaults (every step, all
 rollouts); + trace and the probe's cheaper options (a sample of the rollouts, every k-th step).
-The modes are interleaved `--repeats` times; each mode's seconds per step is the median over
-repeats. Beside the wall-clock ratios (noisy: ±5% between repeats on a shared CPU), the monitor's
-own seconds per step (the callbacks' time, `probe_seconds` in the logs) over the bare step give the
-overhead without the noise of the rest of the step. For the sampled probe, its values are compared
-step by step with the full probe's (the runs are identical otherwise): the RMS error against the
-mean standard error it reported. Writes the figures to `--out` (JSON) and prints them.
+The modes are interleaved `--repeats` times
+after a discarded two-step warm-up run; each mode's seconds per step is the median over repeats.
+Beside the wall-clock ratios (noisy: a few % between repeats on a shared CPU), the monitor's own
+seconds per step (the callbacks' time, `probe_seconds` in the logs) over the bare step give the
+overhead without the noise of the rest of the step. For the sampled probe, its values are
+compared step by step with the full probe's (the runs are identical otherwise): the RMS error
+against the mean standard error it reported. Writes the figures to `--out` (JSON) and prints them.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "load_average_1_5_15_min_at_end": list(os.getloadavg()),  # other jobs on the machine
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
@@ -125,7 +127,12 @@ def main() -> None:
     )
     parser.add_argument("--every", type=int, default=4, help="probe_every of the every-k mode")
     parser.add_argument("--out", default="bench/results/probe_overhead.json")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default, the cores)"
+    )
     args = parser.parse_args()
+    if args.threads:  # 1 keeps a run measurable while another job holds a core (no spin-waits)
+        torch.set_num_threads(args.threads)
     modes = {
         **MODES,
         f"probe_sample{args.sample}": dict(probe=True, probe_sequences=args.sample),
@@ -134,6 +141,7 @@ def main() -> None:
             probe=True, probe_sequences=args.sample, probe_every=args.every
         ),
     }
+    run_once(args.model, 2, modes["probe"])  # warm-up: the process's first steps are slower
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for _ in range(args.repeats):  # interleaved, so drifts of the machine hit every mode alike
         for mode, options in modes.items():
@@ -141,6 +149,15 @@ def main() -> None:
             print(f"{mode:>24}: {runs[mode][-1]['seconds_per_step']:.3f} s/step", flush=True)
     step = {m: statistics.median(r["seconds_per_step"] for r in runs[m]) for m in modes}
     monitor = {m: statistics.median(r["monitor_seconds_per_step"] for r in runs[m]) for m in modes}
+    # The monitor's seconds over the rest of the same run's step: robust to other jobs that slow
+    # the machine down between runs (both sides measured in the same minutes).
+    own = {
+        m: statistics.median(
+            r["monitor_seconds_per_step"] / (r["seconds_per_step"] - r["monitor_seconds_per_step"])
+            for r in runs[m]
+        )
+        for m in modes
+    }
     bare = step["bare"]
     result = {
         "name": "probe_overhead",
@@ -158,6 +175,7 @@ def main() -> None:
         "ratio": {m: step[m] / bare for m in modes},
         "monitor_seconds_per_step": monitor,
         "monitor_share_of_bare_step": {m: monitor[m] / bare for m in modes},
+        "monitor_share_of_own_step_without_it": own,
         "ratio_bare": 1.0,
         "ratio_trace": step["trace"] / bare,
         "ratio_trace_probe": step["probe"] / bare,

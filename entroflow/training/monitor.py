@@ -147,6 +147,7 @@ class EntropyMonitor(TrainerCallback):
         self.logprob = None
         self.metrics: dict[str, float] = {}
         self._theta0 = None
+        self._grad = None
         self._probed: list[int] = []
         self._probe_seconds = 0.0
 
@@ -191,15 +192,24 @@ class EntropyMonitor(TrainerCallback):
             offset += n
         return out
 
-    @torch.no_grad()
-    def _score(self, model, idx: list[int]) -> tuple[dict, dict]:
-        """Per-token entropy and log-prob (float32 numpy) of rollouts `idx`, no grad."""
+    def _score(self, model, idx: list[int], with_grad: bool = False):
+        """Per-token entropy and log-prob (float32 numpy) of rollouts `idx`; with grad, also
+        ∇_θ Σ_t H_t over their tokens (one backward per batch of the same pass)."""
         entropy, logprob = {}, {}
+        params = [p for _, p in trainable_parameters(model)]
+        grads = [torch.zeros_like(p) for p in params] if with_grad else None
         for batch in self._batches(idx):
-            h, lp = self._batch_scores(batch, model)
-            entropy.update(self._split(h.float().cpu().numpy(), batch))
-            logprob.update(self._split(lp.float().cpu().numpy(), batch))
-        return entropy, logprob
+            with torch.set_grad_enabled(with_grad):
+                h, lp = self._batch_scores(batch, model)
+                if with_grad:
+                    for g, dg in zip(
+                        grads, torch.autograd.grad(h.sum(), params, allow_unused=True), strict=True
+                    ):
+                        if dg is not None:
+                            g += dg
+            entropy.update(self._split(h.detach().float().cpu().numpy(), batch))
+            logprob.update(self._split(lp.detach().float().cpu().numpy(), batch))
+        return entropy, logprob, grads
 
     def _entropy_tangent_sums(self, model, idx: list[int], theta0, delta) -> dict[int, float]:
         """Σ_t ⟨∇H_t(θ0), Δθ⟩ of each rollout in `idx`: one forward-mode pass at θ0 along Δθ."""
@@ -223,13 +233,19 @@ class EntropyMonitor(TrainerCallback):
         model.eval()  # no dropout in the measurement
         r = self.rollout
         keep = [i for i, c in enumerate(r.completion_ids) if c]
-        entropy, logprob = self._score(model, keep)
+        step = state.global_step + 1  # the step this update will be logged as
+        probing = self.probe_step(step)
+        if probing:
+            self._probed = self.probe_rollouts(step)
+        # All rollouts probed: the trace pass keeps autograd and one backward gives ∇H̄(θ0)
+        # (cheaper on CPU than forward mode); a sample: forward mode after the step instead,
+        # which gives each rollout's own ⟨∇H_i, Δθ⟩ and so the standard errors.
+        backward = probing and len(self._probed) == len(keep)
+        entropy, logprob, self._grad = self._score(model, keep, with_grad=backward)
         empty = np.zeros(0, np.float32)
         self.entropy = [entropy.get(i, empty) for i in range(len(r.completion_ids))]
         self.logprob = [logprob.get(i, empty) for i in range(len(r.completion_ids))]
-        step = state.global_step + 1  # the step this update will be logged as
-        if self.probe_step(step):
-            self._probed = self.probe_rollouts(step)
+        if probing:
             self._theta0 = {n: p.detach().clone() for n, p in trainable_parameters(model)}
         model.train(was_training)
         self._probe_seconds += time.perf_counter() - t0
@@ -245,8 +261,9 @@ class EntropyMonitor(TrainerCallback):
         was_training = model.training
         model.eval()
         idx = self._probed
-        tangent = self._entropy_tangent_sums(model, idx, theta0, delta)
-        entropy1, logprob1 = self._score(model, idx)
+        if self._grad is None:
+            tangent = self._entropy_tangent_sums(model, idx, theta0, delta)
+        entropy1, logprob1, _ = self._score(model, idx)
         model.train(was_training)
         n = np.array([len(self.rollout.completion_ids[i]) for i in idx], dtype=np.float64)
         changes = [
@@ -254,7 +271,14 @@ class EntropyMonitor(TrainerCallback):
             for i in idx
         ]
         population = sum(1 for c in self.rollout.completion_ids if c)
-        predicted, predicted_se = ratio_estimate([tangent[i] for i in idx], n, population)
+        if self._grad is None:
+            predicted, predicted_se = ratio_estimate([tangent[i] for i in idx], n, population)
+        else:
+            dot = sum(
+                float((g.double() * d.double()).sum())
+                for g, d in zip(self._grad, delta.values(), strict=True)
+            )
+            predicted, predicted_se = dot / max(n.sum(), 1), 0.0
         realised, realised_se = ratio_estimate(changes, n, population)
         h0 = float(sum(self.entropy[i].astype(np.float64).sum() for i in idx) / max(n.sum(), 1))
         self.metrics.update(
@@ -269,7 +293,7 @@ class EntropyMonitor(TrainerCallback):
                 "probe_update_norm": step_norm,
             }
         )
-        self._theta0 = None
+        self._theta0 = self._grad = None
         self._probe_seconds += time.perf_counter() - t0
 
     def _covariance_prediction(self, idx: list[int], logprob_after: dict) -> float:

@@ -154,16 +154,24 @@ class RecordingMonitor(EntropyMonitor):
         super().on_optimizer_step(args, state, control, model=model, **kwargs)
 
 
+@pytest.mark.parametrize("probe_sequences", [0, 3])
 def test_probe_prediction_is_the_gradient_along_the_update(
-    model_dir, problems, tiny_tokenizer, tmp_path
+    model_dir, problems, tiny_tokenizer, tmp_path, probe_sequences
 ):
-    """The forward-mode prediction is exactly ⟨∇H̄(θ0), Δθ⟩ with ∇H̄ by backward (the probe's
-    definition), at an ordinary learning rate where it is not close to the realised change."""
+    """The prediction (backward on all rollouts, forward mode on a sample) is exactly
+    ⟨∇H̄(θ0), Δθ⟩ with ∇H̄ by backward at θ0 (the probe's definition), at an ordinary learning
+    rate where it is not close to the realised change."""
     from entroflow.lm.scoring import batch_scores
 
     settings = RunSettings(**{**SETTINGS, "steps": 1, "save_every": 1})
     trainer, monitor = train_with_monitor(
-        model_dir, problems, tiny_tokenizer, tmp_path, settings, RecordingMonitor
+        model_dir,
+        problems,
+        tiny_tokenizer,
+        tmp_path,
+        settings,
+        RecordingMonitor,
+        probe_sequences=probe_sequences,
     )
     theta0, theta1, idx, rollout = monitor.recorded
     model = trainer.model
@@ -189,21 +197,18 @@ def test_probe_prediction_is_the_gradient_along_the_update(
     assert row["probe_predicted"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_probe_options_leave_the_trace_unchanged(model_dir, problems, tiny_tokenizer, tmp_path):
-    """probe_every and probe_sequences change which steps and rollouts the probe sees, never the
-    trained adapter or the trace: the same per-token entropies as a run without the probe."""
+@pytest.mark.parametrize("options", [{}, {"probe_every": 2, "probe_sequences": 3}])
+def test_probe_options_leave_the_trace_unchanged(
+    model_dir, problems, tiny_tokenizer, tmp_path, options
+):
+    """The probe (and probe_every, probe_sequences: which steps and rollouts it sees) never
+    changes the trained adapter or the trace: the same per-token entropies as without it."""
     settings = RunSettings(**{**SETTINGS, "steps": 2, "save_every": 2})
     _, off = train_with_monitor(
         model_dir, problems, tiny_tokenizer, tmp_path / "off", settings, probe=False
     )
     _, on = train_with_monitor(
-        model_dir,
-        problems,
-        tiny_tokenizer,
-        tmp_path / "on",
-        settings,
-        probe_every=2,
-        probe_sequences=3,
+        model_dir, problems, tiny_tokenizer, tmp_path / "on", settings, **options
     )
     rows_off, rows_on = off.writer.read_manifest(), on.writer.read_manifest()
     for a, b in zip(rows_off, rows_on, strict=True):
@@ -212,6 +217,9 @@ def test_probe_options_leave_the_trace_unchanged(model_dir, problems, tiny_token
         np.testing.assert_array_equal(ta["tokens/token_id"], tb["tokens/token_id"])
         np.testing.assert_array_equal(ta["tokens/entropy"], tb["tokens/entropy"])
         np.testing.assert_array_equal(ta["tokens/logprob"], tb["tokens/logprob"])
+    if not options:
+        assert all(np.isfinite(r["probe_predicted"]) for r in rows_on)
+        return
     assert "probe_predicted" not in rows_on[0]  # step 1: not a multiple of probe_every
     assert rows_on[1]["probe_sequences"] == 3 and np.isfinite(rows_on[1]["probe_predicted"])
     summary = on.writer.write_summary()

@@ -9,27 +9,30 @@ adds it): the trainer hands it each step's rollouts (prompt/completion ids, rewa
 through `on_rollout`, then
 
 - before the optimizer step: exact per-token entropy H_t of every rollout token at the current
-  (sampling) parameters θ0, with one teacher-forced no-grad pass through our scorer (the trace;
-  the same pass whether the probe is on or off); on a probe step, a copy of the trainable θ0;
+  (sampling) parameters θ0, with one teacher-forced pass through our scorer (the trace; the
+  same values whether the probe is on or off); on a probe step, a copy of the trainable θ0,
+  and when the probe covers all rollouts that pass keeps autograd and one backward gives
+  g = ∇_θ H̄(θ0);
 - after the optimizer step, on a probe step: Δθ = θ1 - θ0 (the real update, momentum and weight
-  decay included), then on the probe's rollouts (all, or a random `probe_sequences` of them)
-  one forward-mode pass at θ0 with tangent Δθ, whose tangent summed over tokens is the predicted
-  change ⟨∇H̄(θ0), Δθ⟩ (`probe_predicted`; no backward, nothing kept from before the step but
-  θ0), and one no-grad pass at θ1 for the realised change H̄(θ1) - H̄(θ0) on the same tokens
-  (`probe_realised`; H̄(θ0) from the trace pass, so both sides come from the same scorer);
+  decay included); the predicted change ⟨∇H̄(θ0), Δθ⟩ (`probe_predicted`): ⟨g, Δθ⟩, or on a
+  sample of rollouts one forward-mode pass at θ0 with tangent Δθ (per rollout ⟨∇H_i, Δθ⟩, hence
+  standard errors; no backward); and one no-grad pass at θ1 for the realised change
+  H̄(θ1) - H̄(θ0) on the same tokens (`probe_realised`; H̄(θ0) from the trace pass);
 - at step end: the trace file and manifest line, and the probe's values in the trainer's logs
   under the same names, with the covariance predictor of Cui et al. (2025) beside the
   prediction (`probe_covariance`).
 
 H̄ is the token-weighted mean entropy along the fixed rollout prefixes, so predicted and
 realised values measure the same quantity; how the *policy's* entropy changes (including which
-sequences get sampled) is the per-checkpoint ΔH stage's job. Cost and options: the probe costs
-one forward-mode pass (about 2-5 plain forwards) plus one forward over its rollouts per probe
-step. `probe_sequences = m` runs them on a simple random sample of m of the step's N non-empty
-rollouts: the values are then ratio estimates of the whole batch's, with their standard errors
-(`probe_predicted_se`, `probe_realised_se`, finite-population corrected; 0 when m = N).
-`probe_every = k` probes steps k, 2k, ... only (the others log no probe values). Measured
-overhead: docs/benchmarks.md, "Step probe".
+sequences get sampled) is the per-checkpoint ΔH stage's job.
+
+Cost and options: the probe costs a backward and one forward over the rollouts per probe step
+(on the demo's CPU, forward mode measured dearer than the backward, so it is used only where
+its per-rollout values are needed). `probe_sequences = m` runs it on a simple random sample of
+m of the step's N non-empty rollouts: the values are then ratio estimates of the whole batch's,
+with their standard errors (`probe_predicted_se`, `probe_realised_se`, finite-population
+corrected; 0 when m = N). `probe_every = k` probes steps k, 2k, ... only (the others log no
+probe values). Measured overhead: docs/benchmarks.md, "Step probe".
 """
 
 from __future__ import annotations

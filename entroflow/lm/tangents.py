@@ -14,12 +14,17 @@ import torch
 
 
 @contextlib.contextmanager
-def tangent_along(model: torch.nn.Module, direction: dict[str, torch.Tensor]):
+def tangent_along(
+    model: torch.nn.Module,
+    direction: dict[str, torch.Tensor],
+    at: dict[str, torch.Tensor] | None = None,
+):
     """Forward-mode AD inside the block: the named parameters carry `direction` as their tangent,
     so every output has its exact directional derivative (`forward_ad.unpack_dual(x).tangent`),
     at the cost of 4-5 plain forwards on CPU (measured on the demo). Attention runs on SDPA's
     math backend (the fused CPU/flash kernels have no forward-mode derivative); the parameters
-    are put back as they were after."""
+    are put back as they were after. With `at`, the named parameters take those values inside
+    the block (the derivative at another point, e.g. the step probe's θ0 after the step)."""
     from torch.autograd import forward_ad
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -32,7 +37,8 @@ def tangent_along(model: torch.nn.Module, direction: dict[str, torch.Tensor]):
                 module = modules[owner]
                 param = module._parameters.pop(attr)
                 saved.append((module, attr, param))
-                setattr(module, attr, forward_ad.make_dual(param.detach(), d.to(param.dtype)))
+                primal = param.detach() if at is None else at[name].to(param.dtype)
+                setattr(module, attr, forward_ad.make_dual(primal, d.to(param.dtype)))
             yield
         finally:
             for module, attr, param in reversed(saved):

@@ -185,10 +185,11 @@ def training_curves(rows: list[dict], path, title: str = "") -> None:
         (PROBE_REALISED, dict(marker="x", ms=4, label="realised H̄(θ+Δθ) − H̄(θ)")),
         (PROBE_COVARIANCE, dict(ls=":", marker="^", ms=3, label="covariance -κ Cov(log π, A)")),
     )
-    if all(PROBE_PREDICTED in r for r in rows):
+    probed = [r for r in rows if PROBE_PREDICTED in r]  # every probe_every-th step
+    if probed:
         for key, style in probe:
-            if all(key in r for r in rows):
-                axes[2].plot(steps, [r[key] for r in rows], **style)
+            if all(key in r for r in probed):
+                axes[2].plot([r["step"] for r in probed], [r[key] for r in probed], **style)
         axes[2].axhline(0, color="grey", lw=0.5)
         axes[2].legend(fontsize=7)
     else:

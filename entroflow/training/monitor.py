@@ -9,18 +9,30 @@ adds it): the trainer hands it each step's rollouts (prompt/completion ids, rewa
 through `on_rollout`, then
 
 - before the optimizer step: exact per-token entropy H_t of every rollout token at the current
-  (sampling) parameters θ0, with one teacher-forced pass through our scorer; with the probe on,
-  that pass keeps autograd and gives g = ∇_θ H̄, H̄ = mean over rollout tokens of H_t;
-- after the optimizer step: Δθ = θ1 - θ0 (the real update, momentum and weight decay included),
-  the predicted change ⟨g, Δθ⟩ (`probe_predicted`) and the realised change H̄(θ1) - H̄(θ0)
-  on the same tokens (`probe_realised`);
+  (sampling) parameters θ0, with one teacher-forced pass through our scorer (the trace; the
+  same values whether the probe is on or off); on a probe step, a copy of the trainable θ0,
+  and when the probe covers all rollouts that pass keeps autograd and one backward gives
+  g = ∇_θ H̄(θ0);
+- after the optimizer step, on a probe step: Δθ = θ1 - θ0 (the real update, momentum and weight
+  decay included); the predicted change ⟨∇H̄(θ0), Δθ⟩ (`probe_predicted`): ⟨g, Δθ⟩, or on a
+  sample of rollouts one forward-mode pass at θ0 with tangent Δθ (per rollout ⟨∇H_i, Δθ⟩, hence
+  standard errors; no backward); and one no-grad pass at θ1 for the realised change
+  H̄(θ1) - H̄(θ0) on the same tokens (`probe_realised`; H̄(θ0) from the trace pass);
 - at step end: the trace file and manifest line, and the probe's values in the trainer's logs
   under the same names, with the covariance predictor of Cui et al. (2025) beside the
   prediction (`probe_covariance`).
 
-H̄ is the mean entropy along the fixed rollout prefixes, so predicted and realised values
-measure the same quantity; how the *policy's* entropy changes (including which sequences get
-sampled) is the per-checkpoint ΔH stage's job.
+H̄ is the token-weighted mean entropy along the fixed rollout prefixes, so predicted and
+realised values measure the same quantity; how the *policy's* entropy changes (including which
+sequences get sampled) is the per-checkpoint ΔH stage's job.
+
+Cost and options: the probe costs a backward and one forward over the rollouts per probe step
+(on the demo's CPU, forward mode measured dearer than the backward, so it is used only where
+its per-rollout values are needed). `probe_sequences = m` runs it on a simple random sample of
+m of the step's N non-empty rollouts: the values are then ratio estimates of the whole batch's,
+with their standard errors (`probe_predicted_se`, `probe_realised_se`, finite-population
+corrected; 0 when m = N). `probe_every = k` probes steps k, 2k, ... only (the others log no
+probe values). Measured overhead: docs/benchmarks.md, "Step probe".
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from transformers import TrainerCallback
 from entroflow.estimators.delta_h_stats import covariance_predictor
 from entroflow.io import TokenTable, flatten, str_array, vocab_group
 from entroflow.lm.scoring import batch_scores, token_budget_batches
+from entroflow.lm.tangents import tangent_along
 from entroflow.training.rollout import Rollout
 from entroflow.training.traces import (
     PROBE_COVARIANCE,
@@ -50,6 +63,24 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def ratio_estimate(y: np.ndarray, n: np.ndarray, population: int) -> tuple[float, float]:
+    """Σy / Σn over a simple random sample of `len(y)` of `population` units (sequences with
+    token counts n) and its standard error (the ratio estimator's, finite-population corrected:
+    0 when the sample is the population, NaN below two units)."""
+    y, n = np.asarray(y, np.float64), np.asarray(n, np.float64)
+    m = len(y)
+    if m == 0 or n.sum() == 0:
+        return float("nan"), float("nan")
+    ratio = float(y.sum() / n.sum())
+    if m == population:
+        return ratio, 0.0
+    if m < 2:
+        return ratio, float("nan")
+    residual = y - ratio * n
+    var = (1 - m / population) * residual.var(ddof=1) / (m * n.mean() ** 2)
+    return ratio, float(np.sqrt(var))
+
+
 class EntropyMonitor(TrainerCallback):
     def __init__(
         self,
@@ -60,11 +91,22 @@ class EntropyMonitor(TrainerCallback):
         temperature: float = 1.0,
         max_tokens_per_batch: int = 8192,
         num_generations: int = 1,
+        probe_every: int = 1,
+        probe_sequences: int = 0,
+        seed: int = 0,
     ):
+        if probe_every < 1 or probe_sequences < 0:
+            raise ValueError(
+                f"probe_every must be >= 1 and probe_sequences >= 0 (0: all), got "
+                f"{probe_every} and {probe_sequences}"
+            )
         self.tokenizer = tokenizer
         self.writer = TraceWriter(trace_dir) if trace_dir else None
         self.write_every = write_every
         self.probe = probe
+        self.probe_every = probe_every
+        self.probe_sequences = probe_sequences
+        self.seed = seed
         self.temperature = temperature
         self.max_tokens_per_batch = max_tokens_per_batch
         self.num_generations = num_generations
@@ -75,7 +117,8 @@ class EntropyMonitor(TrainerCallback):
     # -- wiring -------------------------------------------------------------------------------
     @classmethod
     def attach(cls, trainer, **kwargs) -> EntropyMonitor:
-        """A monitor with `trainer`'s tokenizer, temperature and group size, added as its callback.
+        """A monitor with `trainer`'s tokenizer, temperature, group size and seed, added as its
+        callback.
 
         `trainer` must be an `EntroflowGRPOTrainer` (training.trainer): it hands each training
         batch's rollout to `on_rollout`.
@@ -87,6 +130,7 @@ class EntropyMonitor(TrainerCallback):
                 f"{type(trainer).__name__} does not hand rollouts to callbacks: use "
                 "entroflow.training.trainer.EntroflowGRPOTrainer (a GRPOTrainer subclass)"
             )
+        kwargs.setdefault("seed", trainer.args.seed)
         monitor = cls(
             trainer.processing_class,
             temperature=trainer.args.temperature,
@@ -107,47 +151,81 @@ class EntropyMonitor(TrainerCallback):
         self.metrics: dict[str, float] = {}
         self._theta0 = None
         self._grad = None
-        self._h0 = None
+        self._probed: list[int] = []
         self._probe_seconds = 0.0
 
+    def probe_step(self, step: int) -> bool:
+        """Whether optimizer step `step` (1-based, as logged) is probed."""
+        return self.probe and step % self.probe_every == 0
+
+    def probe_rollouts(self, step: int) -> list[int]:
+        """The rollouts the probe runs on: every non-empty one, or a simple random sample of
+        `probe_sequences` of them (seeded by the run's seed and the step)."""
+        keep = [i for i, c in enumerate(self.rollout.completion_ids) if c]
+        m = self.probe_sequences
+        if m == 0 or m >= len(keep):
+            return keep
+        rng = np.random.default_rng([self.seed, step])
+        return sorted(rng.choice(keep, size=m, replace=False).tolist())
+
     # -- scoring ------------------------------------------------------------------------------
-    def _score(self, model, with_grad: bool):
-        """Per-token entropy/log-prob of the rollout; with grad, also ∇ of the mean entropy."""
+    def _batches(self, idx: list[int]) -> list[list[int]]:
         r = self.rollout
-        keep = [i for i, c in enumerate(r.completion_ids) if c]
-        total = sum(len(r.completion_ids[i]) for i in keep)
+        lengths = [len(r.prompt_ids[i]) + len(r.completion_ids[i]) for i in idx]
+        return [
+            [idx[j] for j in b] for b in token_budget_batches(lengths, self.max_tokens_per_batch)
+        ]
+
+    def _batch_scores(self, idx: list[int], model, **head):
+        r = self.rollout
+        return batch_scores(
+            model,
+            [r.prompt_ids[i] for i in idx],
+            [r.completion_ids[i] for i in idx],
+            pad_token_id=self.tokenizer.pad_token_id,
+            temperature=self.temperature,
+            **head,
+        )
+
+    def _split(self, values: np.ndarray, idx: list[int]) -> dict[int, np.ndarray]:
+        out, offset = {}, 0
+        for i in idx:
+            n = len(self.rollout.completion_ids[i])
+            out[i] = values[offset : offset + n]
+            offset += n
+        return out
+
+    def _score(self, model, idx: list[int], with_grad: bool = False):
+        """Per-token entropy and log-prob (float32 numpy) of rollouts `idx`; with grad, also
+        ∇_θ Σ_t H_t over their tokens (one backward per batch of the same pass)."""
+        entropy, logprob = {}, {}
         params = [p for _, p in trainable_parameters(model)]
         grads = [torch.zeros_like(p) for p in params] if with_grad else None
-        entropy = [np.zeros(0, np.float32) for _ in r.completion_ids]
-        logprob = [np.zeros(0, np.float32) for _ in r.completion_ids]
-        lengths = [len(r.prompt_ids[i]) + len(r.completion_ids[i]) for i in keep]
-        h_sum = 0.0
-        for batch in token_budget_batches(lengths, self.max_tokens_per_batch):
-            idx = [keep[j] for j in batch]
+        for batch in self._batches(idx):
             with torch.set_grad_enabled(with_grad):
-                h, lp = batch_scores(
-                    model,
-                    [r.prompt_ids[i] for i in idx],
-                    [r.completion_ids[i] for i in idx],
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    temperature=self.temperature,
-                )
+                h, lp = self._batch_scores(batch, model)
                 if with_grad:
                     for g, dg in zip(
-                        grads,
-                        torch.autograd.grad(h.sum() / total, params, allow_unused=True),
-                        strict=True,
+                        grads, torch.autograd.grad(h.sum(), params, allow_unused=True), strict=True
                     ):
                         if dg is not None:
                             g += dg
-            h_np, lp_np = h.detach().float().cpu().numpy(), lp.detach().float().cpu().numpy()
-            h_sum += float(h_np.astype(np.float64).sum())
-            offset = 0
-            for i in idx:
-                n = len(r.completion_ids[i])
-                entropy[i], logprob[i] = h_np[offset : offset + n], lp_np[offset : offset + n]
-                offset += n
-        return entropy, logprob, h_sum / max(total, 1), grads
+            entropy.update(self._split(h.detach().float().cpu().numpy(), batch))
+            logprob.update(self._split(lp.detach().float().cpu().numpy(), batch))
+        return entropy, logprob, grads
+
+    def _entropy_tangent_sums(self, model, idx: list[int], theta0, delta) -> dict[int, float]:
+        """Σ_t ⟨∇H_t(θ0), Δθ⟩ of each rollout in `idx`: one forward-mode pass at θ0 along Δθ."""
+        from torch.autograd import forward_ad
+
+        sums = {}
+        with torch.no_grad(), tangent_along(model, delta, at=theta0):
+            for batch in self._batches(idx):
+                h, _ = self._batch_scores(batch, model, head_method="chunked")
+                tangent = forward_ad.unpack_dual(h).tangent
+                values = np.zeros(len(h)) if tangent is None else tangent.double().cpu().numpy()
+                sums.update({i: float(v.sum()) for i, v in self._split(values, batch).items()})
+        return sums
 
     # -- callback events ----------------------------------------------------------------------
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -156,61 +234,85 @@ class EntropyMonitor(TrainerCallback):
         t0 = time.perf_counter()
         was_training = model.training
         model.eval()  # no dropout in the measurement
-        self.entropy, self.logprob, self._h0, self._grad = self._score(model, with_grad=self.probe)
-        if self.probe:
-            self._theta0 = [p.detach().clone() for _, p in trainable_parameters(model)]
+        r = self.rollout
+        keep = [i for i, c in enumerate(r.completion_ids) if c]
+        step = state.global_step + 1  # the step this update will be logged as
+        probing = self.probe_step(step)
+        if probing:
+            self._probed = self.probe_rollouts(step)
+        # All rollouts probed: the trace pass keeps autograd and one backward gives ∇H̄(θ0)
+        # (cheaper on CPU than forward mode); a sample: forward mode after the step instead,
+        # which gives each rollout's own ⟨∇H_i, Δθ⟩ and so the standard errors.
+        backward = probing and len(self._probed) == len(keep)
+        entropy, logprob, self._grad = self._score(model, keep, with_grad=backward)
+        empty = np.zeros(0, np.float32)
+        self.entropy = [entropy.get(i, empty) for i in range(len(r.completion_ids))]
+        self.logprob = [logprob.get(i, empty) for i in range(len(r.completion_ids))]
+        if probing:
+            self._theta0 = {n: p.detach().clone() for n, p in trainable_parameters(model)}
         model.train(was_training)
         self._probe_seconds += time.perf_counter() - t0
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.rollout is None or not self.probe or self._theta0 is None:
+        if self.rollout is None or self._theta0 is None:
             return
         t0 = time.perf_counter()
-        params = [p for _, p in trainable_parameters(model)]
+        theta0 = self._theta0
         with torch.no_grad():
-            predicted = sum(
-                float((g.double() * (p.detach().double() - p0.double())).sum())
-                for g, p, p0 in zip(self._grad, params, self._theta0, strict=True)
-            )
-            step_norm = float(
-                torch.sqrt(
-                    sum(
-                        ((p.detach() - p0).double() ** 2).sum()
-                        for p, p0 in zip(params, self._theta0, strict=True)
-                    )
-                )
-            )
+            delta = {n: p.detach() - theta0[n] for n, p in trainable_parameters(model)}
+            step_norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())))
         was_training = model.training
         model.eval()
-        _, logprob1, h1, _ = self._score(model, with_grad=False)
+        idx = self._probed
+        if self._grad is None:
+            tangent = self._entropy_tangent_sums(model, idx, theta0, delta)
+        entropy1, logprob1, _ = self._score(model, idx)
         model.train(was_training)
+        n = np.array([len(self.rollout.completion_ids[i]) for i in idx], dtype=np.float64)
+        changes = [
+            float((entropy1[i].astype(np.float64) - self.entropy[i].astype(np.float64)).sum())
+            for i in idx
+        ]
+        population = sum(1 for c in self.rollout.completion_ids if c)
+        if self._grad is None:
+            predicted, predicted_se = ratio_estimate([tangent[i] for i in idx], n, population)
+        else:
+            dot = sum(
+                float((g.double() * d.double()).sum())
+                for g, d in zip(self._grad, delta.values(), strict=True)
+            )
+            predicted, predicted_se = dot / max(n.sum(), 1), 0.0
+        realised, realised_se = ratio_estimate(changes, n, population)
+        h0 = float(sum(self.entropy[i].astype(np.float64).sum() for i in idx) / max(n.sum(), 1))
         self.metrics.update(
             {
                 PROBE_PREDICTED: predicted,
-                PROBE_COVARIANCE: self._covariance_prediction(logprob1),
-                PROBE_REALISED: h1 - self._h0,
-                "probe_mean_entropy_before": self._h0,
+                PROBE_COVARIANCE: self._covariance_prediction(idx, logprob1),
+                PROBE_REALISED: realised,
+                "probe_predicted_se": predicted_se,
+                "probe_realised_se": realised_se,
+                "probe_sequences": len(idx),
+                "probe_mean_entropy_before": h0,
                 "probe_update_norm": step_norm,
             }
         )
         self._theta0 = self._grad = None
         self._probe_seconds += time.perf_counter() - t0
 
-    def _covariance_prediction(self, logprob_after) -> float:
-        """Cui et al.'s -κ Cov(log π, A) for the mean token entropy, κ from the realised change
-        of the rollout tokens' log-probs over this step (delta_h_stats.covariance_predictor)."""
-        r = self.rollout
-        keep = [i for i, c in enumerate(r.completion_ids) if c]
-        if not keep:
+    def _covariance_prediction(self, idx: list[int], logprob_after: dict) -> float:
+        """Cui et al.'s -κ Cov(log π, A) for the mean token entropy over the probe's rollouts,
+        κ from the realised change of their tokens' log-probs over this step
+        (delta_h_stats.covariance_predictor)."""
+        if not idx:
             return float("nan")
-        before = [self.logprob[i].astype(np.float64) for i in keep]
-        after = [logprob_after[i].astype(np.float64) for i in keep]
+        before = [self.logprob[i].astype(np.float64) for i in idx]
+        after = [logprob_after[i].astype(np.float64) for i in idx]
         value = covariance_predictor(
             [b.sum() for b in before],
             [len(b) for b in before],
             [(a - b).sum() for a, b in zip(after, before, strict=True)],
-            np.asarray(r.advantages, dtype=np.float64)[keep],
-            np.ones((1, len(keep))),
+            np.asarray(self.rollout.advantages, dtype=np.float64)[idx],
+            np.ones((1, len(idx))),
         )
         return float(value[0])
 

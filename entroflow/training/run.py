@@ -125,7 +125,12 @@ def train_policy(
         settings, model, tokenizer, dataset, str(output), reward_funcs=reward_funcs
     )
     monitor = EntropyMonitor.attach(
-        trainer, trace_dir=str(trace_dir), write_every=settings.trace_every, probe=settings.probe
+        trainer,
+        trace_dir=str(trace_dir),
+        write_every=settings.trace_every,
+        probe=settings.probe,
+        probe_every=settings.probe_every,
+        probe_sequences=settings.probe_sequences,
     )
     trainer.remove_callback(
         PrinterCallback

@@ -35,4 +35,6 @@ class RunSettings:
     seed: int = _RUN["seed"]
     trace_every: int = _RUN["trace_every"]
     probe: bool = _RUN["probe"]
+    probe_every: int = _RUN["probe_every"]
+    probe_sequences: int = _RUN["probe_sequences"]
     maxent: dict = field(default_factory=lambda: dict(_RUN["maxent"]))

@@ -100,8 +100,10 @@ class TraceWriter:
                 PROBE_COVARIANCE,
             ):
                 values = [r.get(key) for r in rows]
-                if all(v is not None for v in values):
-                    summary[key] = {"first": values[0], "last": values[-1], "all": values}
+                present = [v for v in values if v is not None]
+                # The probe's keys may skip steps (probe_every): null there, aligned with "steps".
+                if len(present) == len(values) or (present and key.startswith("probe_")):
+                    summary[key] = {"first": present[0], "last": present[-1], "all": values}
         tmp = self.dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, self.dir / "summary.json")

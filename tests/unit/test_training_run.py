@@ -16,7 +16,7 @@ from entroflow.lm.checkpoints import (
     load_policy,
     require_optimizer_state,
 )
-from entroflow.training.monitor import EntropyMonitor
+from entroflow.training.monitor import EntropyMonitor, ratio_estimate, trainable_parameters
 from entroflow.training.run import prompts_dataset, train_policy
 from entroflow.training.trainer import PARAM_NAMES_FILE, RunSettings, build_trainer
 from tests.conftest import make_tiny_model
@@ -102,26 +102,140 @@ def test_checkpoint_state_maps_to_named_parameters(model_dir, problems, tiny_tok
         assert np.isfinite(row["probe_predicted"]) and np.isfinite(row["probe_realised"])
 
 
-def test_probe_is_first_order_exact_for_small_steps(model_dir, problems, tiny_tokenizer, tmp_path):
-    """At a tiny learning rate the realised change equals the prediction up to O(lr^2)."""
+def train_with_monitor(model_dir, problems, tokenizer, out, settings, monitor_class=None, **kw):
     from entroflow.lm.models import load_model
 
-    settings = RunSettings(**{**SETTINGS, "steps": 2, "save_every": 2, "learning_rate": 1e-6})
     trainer = build_trainer(
         settings,
         load_model(model_dir),
-        tiny_tokenizer,
+        tokenizer,
         prompts_dataset(problems),
-        str(tmp_path),
+        str(out),
         reward_funcs=[digit_share],
     )
-    monitor = EntropyMonitor.attach(trainer, trace_dir=str(tmp_path / "trace"))
+    monitor = (monitor_class or EntropyMonitor).attach(trainer, trace_dir=str(out / "trace"), **kw)
     trainer.train()
+    return trainer, monitor
+
+
+@pytest.mark.parametrize("probe_sequences", [0, 3])
+def test_probe_is_first_order_exact_for_small_steps(
+    model_dir, problems, tiny_tokenizer, tmp_path, probe_sequences
+):
+    """At a tiny learning rate the realised change equals the prediction up to O(lr^2), on all
+    rollouts and on a subsample (both sides are measured on the same sampled rollouts)."""
+    settings = RunSettings(**{**SETTINGS, "steps": 2, "save_every": 2, "learning_rate": 1e-6})
+    _, monitor = train_with_monitor(
+        model_dir, problems, tiny_tokenizer, tmp_path, settings, probe_sequences=probe_sequences
+    )
     for row in monitor.writer.read_manifest():
         pred, real = row["probe_predicted"], row["probe_realised"]
         assert abs(pred) > 0
         assert real == pytest.approx(pred, rel=0.05, abs=1e-9)
         assert np.isfinite(row["probe_covariance"])  # Cui et al.'s predictor, logged beside it
+        assert row["probe_sequences"] == (probe_sequences or 8)
+        if probe_sequences:  # a sample of 3 of 8: the batch values come with standard errors
+            assert row["probe_predicted_se"] > 0 and row["probe_realised_se"] > 0
+        else:
+            assert row["probe_predicted_se"] == 0 == row["probe_realised_se"]
+
+
+class RecordingMonitor(EntropyMonitor):
+    """Keeps θ0, θ1 and the probed rollouts of the last probe step."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self._theta0 is not None:
+            self.recorded = (
+                {n: t.clone() for n, t in self._theta0.items()},
+                {n: p.detach().clone() for n, p in trainable_parameters(model)},
+                list(self._probed),
+                self.rollout,
+            )
+        super().on_optimizer_step(args, state, control, model=model, **kwargs)
+
+
+@pytest.mark.parametrize("probe_sequences", [0, 3])
+def test_probe_prediction_is_the_gradient_along_the_update(
+    model_dir, problems, tiny_tokenizer, tmp_path, probe_sequences
+):
+    """The prediction (backward on all rollouts, forward mode on a sample) is exactly
+    ⟨∇H̄(θ0), Δθ⟩ with ∇H̄ by backward at θ0 (the probe's definition), at an ordinary learning
+    rate where it is not close to the realised change."""
+    from entroflow.lm.scoring import batch_scores
+
+    settings = RunSettings(**{**SETTINGS, "steps": 1, "save_every": 1})
+    trainer, monitor = train_with_monitor(
+        model_dir,
+        problems,
+        tiny_tokenizer,
+        tmp_path,
+        settings,
+        RecordingMonitor,
+        probe_sequences=probe_sequences,
+    )
+    theta0, theta1, idx, rollout = monitor.recorded
+    model = trainer.model
+    model.eval()
+    params = dict(trainable_parameters(model))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(theta0[name])
+    h, _ = batch_scores(
+        model,
+        [rollout.prompt_ids[i] for i in idx],
+        [rollout.completion_ids[i] for i in idx],
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        temperature=monitor.temperature,
+    )
+    grads = torch.autograd.grad(h.double().mean(), list(params.values()))
+    expected = sum(
+        float((g.double() * (theta1[n] - theta0[n]).double()).sum())
+        for n, g in zip(params, grads, strict=True)
+    )
+    (row,) = monitor.writer.read_manifest()
+    assert abs(expected) > 0
+    assert row["probe_predicted"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("options", [{}, {"probe_every": 2, "probe_sequences": 3}])
+def test_probe_options_leave_the_trace_unchanged(
+    model_dir, problems, tiny_tokenizer, tmp_path, options
+):
+    """The probe (and probe_every, probe_sequences: which steps and rollouts it sees) never
+    changes the trained adapter or the trace: the same per-token entropies as without it."""
+    settings = RunSettings(**{**SETTINGS, "steps": 2, "save_every": 2})
+    _, off = train_with_monitor(
+        model_dir, problems, tiny_tokenizer, tmp_path / "off", settings, probe=False
+    )
+    _, on = train_with_monitor(
+        model_dir, problems, tiny_tokenizer, tmp_path / "on", settings, **options
+    )
+    rows_off, rows_on = off.writer.read_manifest(), on.writer.read_manifest()
+    for a, b in zip(rows_off, rows_on, strict=True):
+        ta = read_token_file(tmp_path / "off" / "trace" / a["file"])
+        tb = read_token_file(tmp_path / "on" / "trace" / b["file"])
+        np.testing.assert_array_equal(ta["tokens/token_id"], tb["tokens/token_id"])
+        np.testing.assert_array_equal(ta["tokens/entropy"], tb["tokens/entropy"])
+        np.testing.assert_array_equal(ta["tokens/logprob"], tb["tokens/logprob"])
+    if not options:
+        assert all(np.isfinite(r["probe_predicted"]) for r in rows_on)
+        return
+    assert "probe_predicted" not in rows_on[0]  # step 1: not a multiple of probe_every
+    assert rows_on[1]["probe_sequences"] == 3 and np.isfinite(rows_on[1]["probe_predicted"])
+    summary = on.writer.write_summary()
+    assert summary["probe_predicted"]["all"][0] is None
+    assert summary["probe_predicted"]["last"] == rows_on[1]["probe_predicted"]
+
+
+def test_ratio_estimate_standard_error_matches_resampling():
+    rng = np.random.default_rng(3)
+    n = rng.integers(5, 60, 64).astype(float)
+    y = 0.3 * n + rng.normal(0, 2, 64) * np.sqrt(n)
+    draws = [rng.choice(64, 16, replace=False) for _ in range(4000)]
+    estimates = [ratio_estimate(y[d], n[d], 64) for d in draws]
+    spread = np.std([e[0] for e in estimates])
+    assert np.mean([e[1] for e in estimates]) == pytest.approx(spread, rel=0.1)
+    assert ratio_estimate(y, n, 64) == (pytest.approx(y.sum() / n.sum()), 0.0)
 
 
 def test_resume_after_kill_matches_uninterrupted(model_dir, problems, tmp_path):

@@ -289,8 +289,7 @@ def fisher_kernel_stage(
     )
     rel_error = abs(from_kernel - reference) / max(abs(reference), 1e-300)
     log.info(
-        "reconstruction identity: kernel row sums %.6g vs the ΔH stage's δH₁ %.6g (relative "
-        "error %.2e)",
+        "reconstruction identity: kernel row sums %.6g vs the ΔH stage's δH₁ %.6g (%.2e)",
         from_kernel,
         reference,
         rel_error,

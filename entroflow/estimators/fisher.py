@@ -84,6 +84,35 @@ class LayerCapture:
         return dict(zip(names, grads, strict=True))
 
 
+def captured_batches(
+    model,
+    targets: dict[str, torch.nn.Module],
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    temperature: float,
+    max_tokens_per_batch: int = 4096,
+    accum_dtype: torch.dtype = torch.float64,
+    transform=None,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Yields (sequence indices, {layer: kept input}, {layer: ∂ΣS/∂output}) batch by batch: one
+    forward and one backward per batch, the inputs kept through `LayerCapture(transform)`."""
+    for batch in pair_batches(prompts, responses, max_tokens_per_batch):
+        with LayerCapture(targets, transform=transform) as capture:
+            # One forward in exactly this order: the hooks' batch rows are these sequences.
+            _, logprob = batch_scores(
+                model,
+                [prompts[i] for i in batch],
+                [responses[i] for i in batch],
+                pad_token_id=pad_token_id,
+                temperature=temperature,
+                accum_dtype=accum_dtype,
+            )
+            out_grads = capture.output_grads(logprob.sum())
+        yield batch, capture.inputs, out_grads
+
+
 def sequence_gradients(
     model,
     prompts: Sequence[Sequence[int]],
@@ -96,21 +125,18 @@ def sequence_gradients(
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yields (sequence indices, {name: (b, *shape) ∇S per sequence}) batch by batch."""
     targets = lora_linears(model, names)
-    for batch in pair_batches(prompts, responses, max_tokens_per_batch):
-        with LayerCapture(targets) as capture:
-            # One forward in exactly this order: the hooks' batch rows are these sequences.
-            _, logprob = batch_scores(
-                model,
-                [prompts[i] for i in batch],
-                [responses[i] for i in batch],
-                pad_token_id=pad_token_id,
-                temperature=temperature,
-                accum_dtype=torch.float64,
-            )
-            out_grads = capture.output_grads(logprob.sum())
+    for batch, inputs, out_grads in captured_batches(
+        model,
+        targets,
+        prompts,
+        responses,
+        pad_token_id=pad_token_id,
+        temperature=temperature,
+        max_tokens_per_batch=max_tokens_per_batch,
+    ):
         grads = {}
         for name in names:
-            a, e = capture.inputs.pop(name), out_grads.pop(name).detach()
+            a, e = inputs.pop(name), out_grads.pop(name).detach()
             # (B, T, out) x (B, T, in) -> (B, out, in), in float64 for the accumulation
             grads[name] = torch.einsum("bto,bti->boi", e.double(), a.double())
         yield batch, grads

@@ -36,9 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from entroflow.estimators.fisher import LayerCapture, lora_linears
-from entroflow.lm.batching import pair_batches
-from entroflow.lm.scoring import batch_scores
+from entroflow.estimators.fisher import captured_batches, lora_linears
 
 PRECONDITIONERS = ("factored", "exact", "none")
 
@@ -214,20 +212,19 @@ class FactoredSketch:
     ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yields (sequence indices, (b, dim) sketches of √P ⊙ ∇S) batch by batch: one forward
         and one backward per batch; the inputs are projected as the forward makes them."""
-        for batch in pair_batches(prompts, responses, max_tokens_per_batch):
-            with LayerCapture(self.targets, transform=self.project_input) as capture:
-                _, logprob = batch_scores(
-                    model,
-                    [prompts[i] for i in batch],
-                    [responses[i] for i in batch],
-                    pad_token_id=pad_token_id,
-                    temperature=temperature,
-                    accum_dtype=self.dtype,  # float32 suffices for a sketch; float64 in the tests
-                )
-                out_grads = capture.output_grads(logprob.sum())
+        for batch, inputs, out_grads in captured_batches(
+            model,
+            self.targets,
+            prompts,
+            responses,
+            pad_token_id=pad_token_id,
+            temperature=temperature,
+            max_tokens_per_batch=max_tokens_per_batch,
+            accum_dtype=self.dtype,  # float32 suffices for a sketch; float64 in the tests
+            transform=self.project_input,
+        ):
             parts = [
-                self.layer_sketch(n, capture.inputs.pop(n), out_grads.pop(n).detach())
-                for n in self.names
+                self.layer_sketch(n, inputs.pop(n), out_grads.pop(n).detach()) for n in self.names
             ]
             yield batch, torch.cat(parts, dim=1)
 

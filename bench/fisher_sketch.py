@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from bench_results import machine, write_result
 
 from entroflow.checkpoint.delta_h_result import DeltaHResult
 from entroflow.checkpoint.fisher_run import batch_sequences
@@ -115,15 +115,6 @@ def exact_rows(model, prompts, responses, names, sqrt_p, pad) -> torch.Tensor:
             out = torch.zeros(len(prompts), rows.shape[1], dtype=torch.float64)
         out[idx] = rows
     return out
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
 
 
 def main() -> None:
@@ -335,9 +326,7 @@ def main() -> None:
         "k_sweep": sweep,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "k_sweep"}, indent=1))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_result(args.out, result)
     print(f"wrote {out}; stores under {work}")
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import torch
+from bench_results import machine, write_result
 
 from entroflow.checkpoint.fisher_run import batch_sequences
 from entroflow.estimators.fisher import lora_linears, sequence_gradients
@@ -77,15 +76,6 @@ def previous_sequence_gradients(model, prompts, responses, names, pad, max_token
             )
             torch.autograd.grad(logprob.sum(), [params[n] for n in names])
         yield batch, hooks.grads
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
 
 
 def main() -> None:
@@ -167,9 +157,7 @@ def main() -> None:
         "all_seconds": times,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "all_seconds"}, indent=1))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_result(args.out, result)
     print(f"wrote {out}")
 
 

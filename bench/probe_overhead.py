@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -31,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_results import machine, write_result
 from transformers.trainer_callback import PrinterCallback
 
 from entroflow.data.datasets import load_problems
@@ -71,27 +70,6 @@ def run_once(model_dir: str, steps: int, monitor: dict | None) -> dict:
             {k: r.get(k) for k in ("probe_predicted", "probe_realised", "probe_predicted_se")}
             for r in logs
         ],
-    }
-
-
-def machine() -> dict:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "host": platform.node(),
-        "cpu": model,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "load_average_1_5_15_min_at_end": list(os.getloadavg()),  # other jobs on the machine
-        "torch": torch.__version__,
-        "python": platform.python_version(),
     }
 
 
@@ -191,7 +169,7 @@ def main() -> None:
         if m not in MODES:
             result[f"ratio_trace_{m}"] = step[m] / bare
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result, indent=2)
     print(
         json.dumps(
             {k: v for k, v in result.items() if k != "seconds_per_step_each_repeat"}, indent=1

@@ -144,14 +144,10 @@ class DeltaHResult:
     @property
     def at_lr(self) -> int:
         """Index of η = lr (the step training takes) in the η grid."""
-        return int(np.argmin(np.abs(self.estimates.eta / self.lr - 1.0)))
+        return index_at_lr(self.estimates.eta, self.lr)
 
     def attributes(self) -> dict:
-        skip = {"estimates", "sweep", "e_batch", "u_batch", "denominator", "settings"}
-        out = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
-        }
-        return {**out, "settings": json.dumps(self.settings)}
+        return file_attributes(self, BATCH_FIELDS)
 
     def write(self, path: str | Path) -> None:
         groups = {"": {**self.estimates.datasets(), **self.sweep}}
@@ -165,40 +161,56 @@ class DeltaHResult:
     def read(cls, path: str | Path, batches: bool = True) -> DeltaHResult:
         """The file at `path`; `batches=False` skips the E/U tables and the update (fast)."""
         root = read_token_file(path, groups=[""])
-        d, attrs = root.groups[""], dict(root.attrs)
-        names = {f.name for f in dataclasses.fields(cls)}
-        scalars = {k: v for k, v in attrs.items() if k in names}
-        missing = sorted(REQUIRED_ATTRIBUTES - set(scalars) - {"settings"})
-        if missing or UPDATE_GROUP.split("/")[0] not in _groups(path):
+        d, scalars = root.groups[""], fields_from_attributes(cls, root.attrs)
+        with h5py.File(path, "r") as f:
+            groups = set(f)
+        missing = sorted(REQUIRED_ATTRIBUTES - set(scalars))
+        if missing or UPDATE_GROUP.split("/")[0] not in groups:
             raise ContractError(
                 f"{path}: written by an older entroflow (no {', '.join(missing) or 'update'}); "
                 "make it again: snakemake --forcerun estimate_delta_h (see README, What reruns when)"
             )
-        scalars["settings"] = json.loads(attrs.get("settings") or "{}")
-        denominator = {}
-        if batches:
-            denominator = read_token_file(path, root=UPDATE_GROUP, groups=[""]).groups.get("", {})
+
+        def group(root: str, **kw) -> TokenTable | None:
+            present = root.split("/")[0] in groups
+            return read_token_file(path, root=root, **kw) if batches and present else None
+
+        update = group(UPDATE_GROUP, groups=[""])
         return cls(
             estimates=Estimates.from_datasets(d),
             sweep={k: d[k] for k in SWEEP_KEYS},
-            e_batch=_read_batch(path, "e_batch") if batches else None,
-            u_batch=_read_batch(path, "u_batch") if batches else None,
-            denominator=denominator,
+            e_batch=group("e_batch"),
+            u_batch=group("u_batch"),
+            denominator=update.groups.get("", {}) if update else {},
             **scalars,
         )
 
 
-def _groups(path) -> set[str]:
-    with h5py.File(path, "r") as f:
-        return set(f)
+def index_at_lr(eta: np.ndarray, lr: float) -> int:
+    """Index of the η grid's step closest to η = lr."""
+    return int(np.argmin(np.abs(np.asarray(eta) / lr - 1.0)))
 
 
-def _read_batch(path, root: str) -> TokenTable | None:
-    return read_token_file(path, root=root) if root in _groups(path) else None
+def file_attributes(result, skip: set[str]) -> dict:
+    """A result's scalar fields as file attributes (settings as JSON); `skip`: its array fields."""
+    out = {
+        f.name: getattr(result, f.name)
+        for f in dataclasses.fields(result)
+        if f.name not in skip | {"settings"}
+    }
+    return {**out, "settings": json.dumps(result.settings)}
 
 
+def fields_from_attributes(cls, attrs: dict) -> dict:
+    """The result class's scalar fields found among a file's attributes (settings parsed)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    scalars = {k: v for k, v in attrs.items() if k in names}
+    return {**scalars, "settings": json.loads(scalars.get("settings") or "{}")}
+
+
+BATCH_FIELDS = {"estimates", "sweep", "e_batch", "u_batch", "denominator"}
 REQUIRED_ATTRIBUTES = {  # the scalar fields without a default: a file must have them all
     f.name
     for f in dataclasses.fields(DeltaHResult)
     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-} - {"estimates", "sweep", "e_batch", "u_batch", "denominator"}
+} - BATCH_FIELDS

@@ -33,6 +33,7 @@ from entroflow.checkpoint.delta_h_result import (
     DeltaHResult,
     Estimates,
     Interval,
+    index_at_lr,
 )
 from entroflow.checkpoint.e_batch import EBatch, tangents_along, timed
 from entroflow.checkpoint.replay import draw_u_batch, replay_step, sample_batch
@@ -228,7 +229,7 @@ def eta_sweep(stage: _Stage, first: EBatch, e_rows, v, etas) -> dict[str, np.nda
 def grow_to_target(stage: _Stage, batch: EBatch, sweep, etas, cov_per_unit, step, e_rows):
     """More responses per prompt while ΔH at η = lr is wider than the target (doubling, capped).
     Returns (estimates, slopes, responses per prompt, relative half-width at lr)."""
-    settings, at_lr = stage.settings, int(np.argmin(np.abs(etas / step.lr - 1.0)))
+    settings, at_lr = stage.settings, index_at_lr(etas, step.lr)
     samples = 1
     while True:
         est, slopes = sweep_estimates(batch, sweep, etas, cov_per_unit, settings, stage.per_token)
@@ -378,7 +379,7 @@ def estimate_delta_h(
     est, slopes, samples, half = grow_to_target(
         stage, batch, sweep, etas, cov_per_unit, step, e_rows
     )
-    at_lr = int(np.argmin(np.abs(etas / step.lr - 1.0)))
+    at_lr = index_at_lr(etas, step.lr)
     log_estimates(est, slopes, len(e_gens))
     fit_slope, r2 = fit_loglog(etas, est.truth.value)
     return DeltaHResult(

@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import time
@@ -26,7 +24,11 @@ import h5py
 import numpy as np
 import torch
 
-from entroflow.checkpoint.delta_h_result import DeltaHResult
+from entroflow.checkpoint.delta_h_result import (
+    DeltaHResult,
+    fields_from_attributes,
+    file_attributes,
+)
 from entroflow.checkpoint.settings import FisherSettings, RunShape
 from entroflow.estimators import delta_h_stats as st
 from entroflow.estimators.fisher import (
@@ -86,18 +88,15 @@ class FisherResult:
     sketch_cosine_error_rms: float = float("nan")  # RMS of |K_sketch - K| / (‖g‖‖g'‖)
 
     def write(self, path: str | os.PathLike) -> None:
-        fields = dataclasses.asdict(self)
-        arrays = {k: fields.pop(k) for k in KERNEL_ARRAYS}
-        attrs = {**fields, "settings": json.dumps(self.settings)}
+        arrays = {k: getattr(self, k) for k in KERNEL_ARRAYS}
+        attrs = file_attributes(self, set(KERNEL_ARRAYS))
         write_token_file(path, TokenTable(groups={"": arrays}, attrs=attrs))
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> FisherResult:
         table = read_token_file(path, groups=[""])
-        names = {f.name for f in dataclasses.fields(cls)}
-        attrs = {k: v for k, v in table.attrs.items() if k in names}
-        attrs["settings"] = json.loads(attrs.get("settings") or "{}")
-        return cls(**{k: table.groups[""][k] for k in KERNEL_ARRAYS}, **attrs)
+        arrays = {k: table.groups[""][k] for k in KERNEL_ARRAYS}
+        return cls(**arrays, **fields_from_attributes(cls, table.attrs))
 
 
 def batch_sequences(table: TokenTable, rows: np.ndarray | None = None):

@@ -45,7 +45,10 @@ else:
         tokenizer=tokenizer,
         batch_size=gen["batch_size"],
         decoder=gen.get("decoder", "auto"),
-        static_options={"compile": "auto" if gen.get("compile", True) else False},
+        static_options={
+            "compile": "auto" if gen.get("compile", True) else False,
+            "refill": gen.get("refill_queue", 0) > 0,
+        },
     )
     log.info("hf engine: %s decoder", engine.decoder)
     device = str(next(model.parameters()).device)
@@ -56,8 +59,9 @@ prompt_ids = encode_prompts(
     model_cfg["chat_template_kwargs"],
 )
 params = SamplingParams(**gen["sampling"])
-# One engine batch of sequences per saved batch.
-prompts_per_batch = max(1, gen["batch_size"] // params.samples_per_prompt)
+# One engine call per saved batch: batch_size sequences, or refill_queue times as many.
+sequences_per_call = gen["batch_size"] * max(1, gen.get("refill_queue", 0))
+prompts_per_batch = max(1, sequences_per_call // params.samples_per_prompt)
 settings = {
     "params": dataclasses.asdict(params),
     "shard": [shard, n_shards],
@@ -65,6 +69,7 @@ settings = {
     "engine": gen["engine"],
     "dtype": model_cfg["dtype"],
     **{key: gen[key] for key in ("decoder", "compile") if key in gen},  # set only if not default
+    **({"refill_queue": gen["refill_queue"]} if gen.get("refill_queue") else {}),  # same: if on
 }
 journal = BatchJournal(
     journal_folder(snakemake.output[0]), generation_key(prompt_ids, model_dir, settings)

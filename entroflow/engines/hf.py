@@ -185,11 +185,20 @@ class HFEngine:
         samples_done = Counter()
         finished_prompts = 0
         t0 = time.perf_counter()
-        for start in range(0, len(jobs), self.batch_size):
-            batch = jobs[start : start + self.batch_size]
+        refill = self.decoder == "static" and self.static_options.get("refill", False)
+        chunk = len(jobs) if refill else self.batch_size  # refill: one decode, batch_size rows
+        for start in range(0, len(jobs), chunk):
+            batch = jobs[start : start + chunk]
             prompts = [prompt_token_ids[row] for row, _ in batch]
-            run = self._static_batch if self.decoder == "static" else self._generate_batch
-            tokens, logprobs, entropy = run(prompts, params, batch_seed(params.seed, start))
+            seed = batch_seed(params.seed, start)
+            if refill:
+                tokens, logprobs, entropy = self._static_batch(
+                    prompts, params, seed, self._refill_progress(progress, params, t0)
+                )
+            elif self.decoder == "static":
+                tokens, logprobs, entropy = self._static_batch(prompts, params, seed)
+            else:
+                tokens, logprobs, entropy = self._generate_batch(prompts, params, seed)
             for b, (row, sample) in enumerate(batch):
                 results.append(
                     self._split(
@@ -242,10 +251,23 @@ class HFEngine:
             None if entropy is None else entropy.finish(len(prompts)),
         )
 
-    def _static_batch(self, prompts, params: SamplingParams, seed: int):
+    @staticmethod
+    def _refill_progress(progress: Progress | None, params: SamplingParams, t0: float):
+        """on_done for a refilling decode: jobs done -> prompts done (approximately, in order)."""
+        if progress is None:
+            return None
+        per_prompt = params.samples_per_prompt
+        return lambda done, jobs: progress(
+            done // per_prompt, jobs // per_prompt, time.perf_counter() - t0
+        )
+
+    def _static_batch(self, prompts, params: SamplingParams, seed: int, on_done=None):
+        """Decode `prompts` in one batch, or, with on_done or static_options' `refill`, through
+        batch_size rows refilled as they finish (continuous batching)."""
         if self._static is None:
+            options = {k: v for k, v in self.static_options.items() if k != "refill"}
             self._static = StaticDecoder(
-                self.model, self.eos_token_ids, self.pad_token_id, **self.static_options
+                self.model, self.eos_token_ids, self.pad_token_id, **options
             )
         decoder = self._static
         generator = torch.Generator(device=decoder.device).manual_seed(seed)
@@ -255,8 +277,14 @@ class HFEngine:
             generator,
             fused=decoder.fused_sampler,
         )
+        refill = self.static_options.get("refill", False)
         tokens, logprobs, entropy = decoder.decode(
-            prompts, params.max_new_tokens, sample, params.record_entropy
+            prompts,
+            params.max_new_tokens,
+            sample,
+            params.record_entropy,
+            rows=self.batch_size if refill else None,
+            on_done=on_done,
         )
         return (
             tokens.cpu().numpy(),

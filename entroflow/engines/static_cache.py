@@ -83,14 +83,20 @@ class StaticKVCache:
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
         mark_dynamic(*self.keys, *self.values, dims=(0, 2))
-        self.write_cols = torch.zeros(1, dtype=torch.long, device=device)  # (q_len,)
+        self.write_cols = torch.zeros(1, dtype=torch.long, device=device)  # (q_len,) or (B,)
+        self.per_row = False  # decode with refilled rows: row b writes column write_cols[b]
         self.visible: int | None = None  # columns attention sees (prefill: the prompt's)
         self.seen = 0
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         # Extra arguments differ across transformers releases (`cache_kwargs`, `kwargs=`); unused.
-        self.keys[layer_idx].index_copy_(2, self.write_cols, key)
-        self.values[layer_idx].index_copy_(2, self.write_cols, value)
+        if self.per_row:  # key, value (B, kv_heads, 1, d); row b's goes to column write_cols[b]
+            rows = torch.arange(key.shape[0], device=key.device)
+            self.keys[layer_idx][rows, :, self.write_cols] = key[:, :, 0]
+            self.values[layer_idx][rows, :, self.write_cols] = value[:, :, 0]
+        else:
+            self.keys[layer_idx].index_copy_(2, self.write_cols, key)
+            self.values[layer_idx].index_copy_(2, self.write_cols, value)
         if self.visible is not None:
             return self.keys[layer_idx][:, :, : self.visible], self.values[layer_idx][
                 :, :, : self.visible
@@ -99,6 +105,13 @@ class StaticKVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
+
+    def put_rows(self, rows: torch.Tensor, source: StaticKVCache) -> None:
+        """Overwrite the first columns of `rows` with all of `source`'s (one row each)."""
+        width = source.keys[0].shape[2]
+        for mine, theirs in ((self.keys, source.keys), (self.values, source.values)):
+            for layer, block in zip(mine, theirs, strict=True):
+                layer[rows, :, :width] = block
 
     @classmethod
     def moved_rows(cls, source: StaticKVCache, rows: torch.Tensor) -> StaticKVCache:
@@ -112,7 +125,7 @@ class StaticKVCache:
                 theirs[i] = None
         mark_dynamic(*cache.keys, *cache.values, dims=(0, 2))
         cache.write_cols = source.write_cols.clone()
-        cache.visible, cache.seen = None, source.seen
+        cache.per_row, cache.visible, cache.seen = source.per_row, None, source.seen
         return cache
 
 

@@ -26,10 +26,13 @@ The cache, its memory check and the grouped attention live in `static_cache.py`.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import TemperatureLogitsWarper
 
@@ -56,10 +59,12 @@ class _Batch:
     valid: torch.Tensor  # (B, L) bool: cache columns each row may attend to
     token: torch.Tensor  # (B, 1) long: the token fed at this step
     position: torch.Tensor  # (B, 1) long: its RoPE position
-    column: torch.Tensor  # (1,) long: the cache column this step writes
+    column: torch.Tensor  # (1,) long: the cache column this step writes; (B,) when per_row
     job: torch.Tensor  # (B,) long: output row of each batch row (`spare` for padding rows)
     finished: torch.Tensor  # (B,) bool
     spare: int
+    per_row: bool = False  # refilling: each row writes its own column, counts its own tokens
+    age: torch.Tensor | None = None  # (B,) long, per_row: tokens each row has sampled so far
     visible: int = 0  # cache columns attention reads this step (a multiple of visible_step)
     graph: torch.cuda.CUDAGraph | None = None  # captured for this size and `visible`
     logits: torch.Tensor | None = None  # the graph's output (B, V) fp32
@@ -67,6 +72,88 @@ class _Batch:
     @property
     def size(self) -> int:
         return self.token.shape[0]
+
+
+@dataclass
+class _Outputs:
+    """Sampled tokens, log-probs and entropies per job (N, max_new); the last row is spare."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, rows: int, max_new: int, pad: int, with_entropy: bool, device):
+        return cls(
+            torch.full((rows, max_new), pad, device=device),
+            torch.zeros(rows, max_new, device=device),
+            torch.zeros(rows, max_new, device=device) if with_entropy else None,
+        )
+
+    def record(self, batch: _Batch, sampled, eos, max_new: int, rows=None) -> None:
+        """Store each row's sample at its age, mark rows ending (EOS, max_new), feed the token.
+        `rows`: the batch rows `sampled` belongs to (default all)."""
+        tokens, logprobs, entropy = sampled
+        rows = slice(None) if rows is None else rows
+        job, age = batch.job[rows], batch.age[rows]
+        self.tokens[job, age] = tokens
+        self.logprobs[job, age] = logprobs
+        if self.entropy is not None:
+            self.entropy[job, age] = entropy
+        ended = batch.finished[rows] | torch.isin(tokens, eos) | (age >= max_new - 1)
+        batch.finished[rows] = ended
+        batch.job[rows] = job.masked_fill(ended, batch.spare)
+        batch.age[rows] = (age + 1).clamp_(max=max_new - 1)
+        batch.token[rows] = tokens[:, None]
+
+    def first(self, n: int):
+        return (
+            self.tokens[:n],
+            self.logprobs[:n],
+            None if self.entropy is None else self.entropy[:n],
+        )
+
+
+@dataclass
+class _Rows:
+    """Host-side view of a refilling batch: each row's job and an upper bound on the cache
+    column it writes (rows that finish stop moving; the bound keeps going up to `last`)."""
+
+    job: np.ndarray  # (B,) the job each row decodes, -1 once reported done
+    column: np.ndarray  # (B,) bound on the column written this step
+    last: np.ndarray  # (B,) the last column the row can write
+    max_new: int
+    done: int = 0
+
+    @classmethod
+    def start(cls, batch: _Batch, width: int, max_new: int):
+        job = batch.job.cpu().numpy().copy()
+        job[job == batch.spare] = -1
+        column = np.full(batch.size, width - 1)
+        return cls(job, column, column + max_new - 1, max_new)
+
+    def advance(self) -> int:
+        """The next step's column bound for every row; returns the largest."""
+        np.minimum(self.column + 1, self.last, out=self.column)
+        return int(self.column.max())
+
+    def retire(self, finished: np.ndarray, on_done, total: int) -> None:
+        ended = finished & (self.job >= 0)
+        self.done += int(ended.sum())
+        self.job[ended] = -1
+        if on_done is not None and ended.any():
+            on_done(self.done, total)
+
+    def refilled(self, rows: np.ndarray, jobs: list[int], width: int) -> None:
+        self.job[rows] = jobs
+        self.column[rows] = width - 1
+        self.last[rows] = width - 1 + self.max_new - 1
+
+    def shrunk(self, live: np.ndarray, size: int) -> _Rows:
+        rows = np.concatenate([live, np.repeat(live[:1], size - len(live))])
+        job = self.job[rows]
+        job[len(live) :] = -1
+        return _Rows(job, self.column[rows], self.last[rows], self.max_new, self.done)
 
 
 def supports_static_decode(model) -> str | None:
@@ -177,8 +264,12 @@ class StaticDecoder:
     # -- one step -------------------------------------------------------------------------------
     def _forward(self, batch: _Batch) -> torch.Tensor:
         """One decode step for every row: (B, V) fp32 logits. Graph-safe (no host syncs)."""
-        batch.valid.index_fill_(1, batch.column, True)
+        if batch.per_row:
+            batch.valid.scatter_(1, batch.column[:, None], True)
+        else:
+            batch.valid.index_fill_(1, batch.column, True)
         batch.cache.write_cols = batch.column
+        batch.cache.per_row = batch.per_row
         batch.cache.visible = batch.visible
         mask = batch.valid[:, None, None, : batch.visible]  # (B, 1, 1, visible)
         mark_dynamic(batch.token, batch.position)
@@ -232,11 +323,9 @@ class StaticDecoder:
             return None, None
 
     # -- a batch --------------------------------------------------------------------------------
-    def _prefill(self, prompts, length: int, spare_row: int) -> tuple[_Batch, torch.Tensor]:
-        size = next_bucket(len(prompts), self.min_bucket)  # no tiny batches to compile for
-        free = free_device_bytes(self.device)
-        if free is not None:
-            check_cache_fits(self.lm.config, size, length, self.dtype, free, self.min_bucket)
+    def _run_prompts(self, prompts, size: int, length: int):
+        """Prefill `prompts` (padded with one-token rows to `size`) into a new cache of `length`
+        columns: cache, valid (size, length) bool, positions (size, W), logits (size, V) fp32."""
         padded = list(prompts) + [[self.pad_token_id]] * (size - len(prompts))
         ids, mask, positions = (t.to(self.device) for t in left_pad(padded, self.pad_token_id))
         width = ids.shape[1]
@@ -258,7 +347,14 @@ class StaticDecoder:
         ).last_hidden_state
         cache.visible = None
         cache.seen = width
-        logits = head_logits(self.lm, hidden[:, -1]).float()  # (B, V)
+        return cache, valid, positions, head_logits(self.lm, hidden[:, -1]).float()
+
+    def _prefill(self, prompts, length: int, spare_row: int) -> tuple[_Batch, torch.Tensor]:
+        size = next_bucket(len(prompts), self.min_bucket)  # no tiny batches to compile for
+        free = free_device_bytes(self.device)
+        if free is not None:
+            check_cache_fits(self.lm.config, size, length, self.dtype, free, self.min_bucket)
+        cache, valid, positions, logits = self._run_prompts(prompts, size, length)
         job = torch.arange(size, device=self.device)
         job[len(prompts) :] = spare_row  # padding rows write to the spare output row
         batch = _Batch(
@@ -266,7 +362,7 @@ class StaticDecoder:
             valid=valid,
             token=torch.zeros(size, 1, dtype=torch.long, device=self.device),
             position=positions[:, -1:].clone(memory_format=torch.contiguous_format),
-            column=torch.full((1,), width - 1, dtype=torch.long, device=self.device),
+            column=torch.full((1,), positions.shape[1] - 1, dtype=torch.long, device=self.device),
             job=job,
             finished=job == spare_row,
             spare=spare_row,
@@ -286,18 +382,28 @@ class StaticDecoder:
             valid=batch.valid[rows].clone(),
             token=batch.token[rows].clone(),
             position=batch.position[rows].clone(),
-            column=batch.column.clone(),
+            column=batch.column[rows].clone() if batch.per_row else batch.column.clone(),
             job=batch.job[rows].masked_fill(finished, batch.spare),
             finished=finished,
             spare=batch.spare,
+            per_row=batch.per_row,
+            age=None if batch.age is None else batch.age[rows].clone(),
         )
 
-    def decode(self, prompts, max_new_tokens: int, sample, record_entropy: bool):
-        """See `_decode`; attention runs through `grouped_attention` meanwhile."""
+    def decode(
+        self, prompts, max_new_tokens: int, sample, record_entropy: bool, rows=None, on_done=None
+    ):
+        """See `_decode`; with `rows` fewer than the prompts, `_decode_refilling` (continuous
+        batching: `rows` rows, each refilled with the next waiting prompt when it finishes).
+        Attention runs through `grouped_attention` meanwhile."""
         config = self.lm.config
         previous = config._attn_implementation
         config._attn_implementation = GROUPED_ATTENTION
         try:
+            if rows is not None and rows < len(prompts):
+                return self._decode_refilling(
+                    prompts, max_new_tokens, sample, record_entropy, rows, on_done
+                )
             return self._decode(prompts, max_new_tokens, sample, record_entropy)
         finally:
             config._attn_implementation = previous
@@ -338,6 +444,68 @@ class StaticDecoder:
             batch.column.fill_(width + t)
             logits = self._step(batch, width + t)
         return out_tokens[:n], out_logprobs[:n], None if out_entropy is None else out_entropy[:n]
+
+    # -- continuous batching --------------------------------------------------------------------
+    @torch.inference_mode()
+    def _decode_refilling(self, prompts, max_new_tokens, sample, record_entropy, rows, on_done):
+        """`_decode` for more prompts than rows: every `check_every` steps, finished rows take
+        the next waiting prompts (prefilled together, their K/V copied into the freed rows'
+        first columns); once none wait, finished rows are retired as in `_decode`.
+
+        Rows are out of step, so each writes its own cache column (`per_row`) and counts its own
+        tokens (`age`); finished rows stop moving and write to the spare output row. The host
+        keeps an upper bound on each row's column (`_Rows`) to size the attention window without
+        a sync. on_done(jobs finished, jobs) is called at each check.
+        """
+        n = len(prompts)
+        width = max(len(p) for p in prompts)
+        length = -(-(width + max_new_tokens) // ALIGN) * ALIGN + ALIGN  # see `_step`
+        out = _Outputs.empty(n + 1, max_new_tokens, self.pad_token_id, record_entropy, self.device)
+        size = next_bucket(rows, self.min_bucket)
+        batch, logits = self._prefill(prompts[:size], length, spare_row=n)
+        batch.per_row = True
+        batch.column = batch.column.expand(batch.size).clone()
+        batch.age = torch.zeros(batch.size, dtype=torch.long, device=self.device)
+        host = _Rows.start(batch, max(len(p) for p in prompts[:size]), max_new_tokens)
+        waiting = deque(range(size, n))
+        for step in itertools.count(1):
+            out.record(batch, sample(logits), self.eos, max_new_tokens)
+            if step % self.check_every == 0:
+                finished = batch.finished.cpu().numpy()  # host sync, every few steps
+                host.retire(finished, on_done, n)
+                if waiting and finished.any():
+                    self._refill(batch, host, finished, waiting, prompts, sample, out)
+                elif not waiting and finished.all():
+                    break
+                elif not waiting:
+                    live = np.flatnonzero(~finished)
+                    if next_bucket(len(live), self.min_bucket) < batch.size:
+                        batch = self._shrink(batch, torch.as_tensor(live, device=self.device))
+                        host = host.shrunk(live, batch.size)
+            moving = ~batch.finished
+            batch.position.add_(moving[:, None])
+            batch.column.add_(moving)
+            logits = self._step(batch, host.advance())
+        return out.first(n)
+
+    def _refill(self, batch: _Batch, host, finished, waiting, prompts, sample, out) -> None:
+        """Prefill waiting prompts into finished rows and sample their first tokens."""
+        free = np.flatnonzero(finished)[: len(waiting)]
+        jobs = [waiting.popleft() for _ in free]
+        new = [prompts[j] for j in jobs]
+        width = max(len(p) for p in new)
+        cache, valid, positions, logits = self._run_prompts(new, len(new), width)
+        rows = torch.as_tensor(free, device=self.device)
+        batch.cache.put_rows(rows, cache)
+        batch.valid[rows] = False
+        batch.valid[rows, :width] = valid
+        batch.position[rows] = positions[:, -1:]
+        batch.column[rows] = width - 1
+        batch.job[rows] = torch.as_tensor(jobs, device=self.device)
+        batch.age[rows] = 0
+        batch.finished[rows] = False
+        out.record(batch, sample(logits), self.eos, out.tokens.shape[1], rows)
+        host.refilled(free, jobs, width)
 
 
 def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

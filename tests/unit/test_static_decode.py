@@ -234,3 +234,74 @@ def test_a_batch_whose_cache_cannot_fit_fails_before_prefill(model, tiny_tokeniz
     prompts = prompts_for(len(tiny_tokenizer), 4, seed=3)
     with pytest.raises(torch.OutOfMemoryError, match="not even 8 rows"):
         engine.generate(prompts, SamplingParams(max_new_tokens=8, seed=0))
+
+
+@pytest.fixture
+def refills(monkeypatch):
+    calls = []
+    original = static_decode.StaticDecoder._refill
+
+    def spy(self, batch, host, finished, waiting, *args):
+        calls.append((batch.size, int(finished.sum()), len(waiting)))
+        return original(self, batch, host, finished, waiting, *args)
+
+    monkeypatch.setattr(static_decode.StaticDecoder, "_refill", spy)
+    return calls
+
+
+REFILL = {**STATIC, "refill": True}
+
+
+def test_refill_greedy_tokens_equal_one_prompt_at_a_time(model, tiny_tokenizer, refills, shrinks):
+    """Continuous batching: 3 rows (a batch of 4) take 11 prompts of 1-13 tokens as rows free
+    up; each row's greedy tokens and entropies are those of decoding its prompt alone."""
+    prompts = prompts_for(len(tiny_tokenizer), 11, seed=3)
+    params = SamplingParams(top_k=1, max_new_tokens=20, record_entropy=True)
+    alone = HFEngine(model, tiny_tokenizer, batch_size=1, eos_token_ids=EOS, decoder="generate")
+    refilling = HFEngine(
+        model, tiny_tokenizer, batch_size=3, eos_token_ids=EOS, decoder="static",
+        static_options=REFILL,
+    )  # fmt: skip
+    done = []
+    expected, got = alone.generate(prompts, params), refilling.generate(
+        prompts, params, progress=lambda d, n, s: done.append((d, n))
+    )
+    assert len(refills) >= 3 and shrinks  # rows refilled, then retired once none wait
+    assert done[-1] == (11, 11) and done == sorted(done)
+    assert len({len(g.token_ids) for g in got}) > 3  # rows end out of step
+    for a, b in zip(expected, got, strict=True):
+        assert a.token_ids.tolist() == b.token_ids.tolist() and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.entropy, b.entropy, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(a.engine_logprob, b.engine_logprob, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"compile": "aot_eager"}])
+def test_refill_sampled_logprobs_match_the_scorer(model, tiny_tokenizer, refills, options):
+    prompts = prompts_for(len(tiny_tokenizer), 6, seed=4)
+    engine = HFEngine(
+        model, tiny_tokenizer, batch_size=4, eos_token_ids=EOS, decoder="static",
+        static_options={**REFILL, **options},
+    )  # fmt: skip
+    params = SamplingParams(
+        temperature=0.7, max_new_tokens=24, samples_per_prompt=3, seed=2, record_entropy=True
+    )
+    gens = engine.generate(prompts, params)
+    assert refills and [(g.prompt_row, g.sample_index) for g in gens] == [
+        (r, s) for r in range(6) for s in range(3)
+    ]
+    for g in gens:
+        stop = np.isin(g.token_ids, EOS)
+        assert (g.finish_reason == "stop") == bool(stop.any()) and not stop[:-1].any()
+        assert g.finish_reason == "stop" or len(g.token_ids) == 24
+    scored = score_responses(
+        model,
+        [prompts[g.prompt_row] for g in gens],
+        [g.token_ids for g in gens],
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        temperature=0.7,
+    )
+    for g, s in zip(gens, scored, strict=True):
+        np.testing.assert_allclose(g.engine_logprob, s.logprob, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(g.entropy, s.entropy, atol=2e-5, rtol=1e-5)
+    again = engine.generate(prompts, params)
+    assert [g.token_ids.tolist() for g in again] == [g.token_ids.tolist() for g in gens]

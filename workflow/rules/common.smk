@@ -202,6 +202,8 @@ def get_generation_settings(wildcards):
             settings["decoder"] = exp["decoder"]
         if not exp["compile"]:
             settings["compile"] = False
+        if exp["refill_queue"]:
+            settings["refill_queue"] = exp["refill_queue"]
     return settings
 
 

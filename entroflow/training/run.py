@@ -17,7 +17,13 @@ from entroflow.journal import fingerprint, folder_fingerprint
 from entroflow.lm.models import load_model, load_tokenizer
 from entroflow.training.monitor import EntropyMonitor
 from entroflow.training.traces import PROBE_COVARIANCE, PROBE_PREDICTED, PROBE_REALISED
-from entroflow.training.trainer import RunSettings, build_trainer, last_checkpoint, run_metadata
+from entroflow.training.trainer import (
+    TENSORBOARD_DIR,
+    RunSettings,
+    build_trainer,
+    last_checkpoint,
+    run_metadata,
+)
 
 log = logging.getLogger(__name__)
 LOGGED = (
@@ -103,7 +109,8 @@ def train_policy(
     reward_funcs: list | None = None,
     code: str = "",
 ) -> dict:
-    """Train, writing checkpoints to output_dir/checkpoint-{step} and the trace to output_dir/trace.
+    """Train, writing checkpoints to output_dir/checkpoint-{step}, the trace to output_dir/trace
+    and, with report_to tensorboard, event files to output_dir/tensorboard.
 
     Resumes from the last complete checkpoint only when it was made from the same settings,
     model, problems and `code` (the rule's code fingerprint); otherwise trains from scratch.
@@ -112,10 +119,11 @@ def train_policy(
     trace_dir = output / "trace"
     key = run_key(settings, model_dir, problems, system_prompt, dtype, code)
     checkpoint = resumable_checkpoint(output, key) if resume else None
-    if checkpoint is None:  # a fresh start: old checkpoints or trace would mix two runs
+    if checkpoint is None:  # a fresh start: old checkpoints, trace or events would mix two runs
         for old in output.glob("checkpoint-*"):
             shutil.rmtree(old)
         shutil.rmtree(trace_dir, ignore_errors=True)
+        shutil.rmtree(output / TENSORBOARD_DIR, ignore_errors=True)
     output.mkdir(parents=True, exist_ok=True)
     (output / RESUME_KEY).write_text(json.dumps({"key": key}) + "\n")
     tokenizer = load_tokenizer(model_dir)

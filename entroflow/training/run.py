@@ -74,9 +74,11 @@ RESUME_KEY = "resume-key.json"  # what the checkpoints in a run folder were made
 
 
 def run_key(settings, model_dir, problems, system_prompt, dtype, code) -> str:
+    """What a run's checkpoints are made from (the trackers it logs to are not part of it)."""
     model = folder_fingerprint(model_dir) if Path(model_dir).is_dir() else str(model_dir)
     columns = {c: problems[c].astype(str).tolist() for c in sorted(problems.columns)}
-    return fingerprint(dataclasses.asdict(settings), model, columns, system_prompt, dtype, code)
+    made_from = {k: v for k, v in dataclasses.asdict(settings).items() if k != "report_to"}
+    return fingerprint(made_from, model, columns, system_prompt, dtype, code)
 
 
 def resumable_checkpoint(output: Path, key: str) -> Path | None:

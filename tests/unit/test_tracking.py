@@ -5,6 +5,7 @@ import importlib.util
 import json
 
 import pytest
+import yaml
 
 from entroflow.config import ConfigError, validate_config
 from entroflow.data.datasets import load_problems
@@ -75,7 +76,8 @@ def test_tracking_tensorboard_receives_probe_entropy_and_controller(model_dir, t
             assert s.value == pytest.approx(row[trace_key], rel=1e-4, abs=1e-7), tb_key
 
 
-def test_tracking_wandb_is_accepted_and_passed_through():
+def test_tracking_wandb_is_accepted_and_passed_through(tmp_path, capsys):
+    from entroflow.cli import main
     from entroflow.training.trainer import check_trackers, grpo_config
 
     for trackers in ([], ["tensorboard"], ["wandb"], ["tensorboard", "wandb"]):
@@ -86,6 +88,8 @@ def test_tracking_wandb_is_accepted_and_passed_through():
             "runs": {"r": run},
         }
         assert validate_config(copy.deepcopy(cfg))["runs"]["r"]["report_to"] == trackers
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["check-config", str(tmp_path / "c.yaml")]) == 0, capsys.readouterr().err
     cfg["runs"]["r"]["report_to"] = ["mlflow"]
     with pytest.raises(ConfigError, match=r"runs\.r\.report_to\.0: 'mlflow' is not one of"):
         validate_config(cfg)

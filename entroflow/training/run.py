@@ -21,6 +21,7 @@ from entroflow.training.trainer import (
     TENSORBOARD_DIR,
     RunSettings,
     build_trainer,
+    check_trackers,
     last_checkpoint,
     run_metadata,
 )
@@ -117,6 +118,7 @@ def train_policy(
     Resumes from the last complete checkpoint only when it was made from the same settings,
     model, problems and `code` (the rule's code fingerprint); otherwise trains from scratch.
     """
+    check_trackers(settings.report_to)  # before anything is removed or loaded
     output = Path(output_dir)
     trace_dir = output / "trace"
     key = run_key(settings, model_dir, problems, system_prompt, dtype, code)

@@ -34,12 +34,17 @@ LOGGED = (
     PROBE_REALISED,
     PROBE_COVARIANCE,
     "probe_seconds",
+    "maxent/tau",  # maxent_grpo: the controller's τ, β at this step and its step after it
+    "maxent/delta_tau",
+    "maxent/beta",
+    "maxent/delta_beta",
     "step_time",
 )
 
 
 class StepLog(TrainerCallback):
-    """One log line per step with reward, entropy, the step probe's values and timing."""
+    """One log line per step with reward, entropy, the step probe's values, MaxEnt-GRPO's τ, β
+    with their steps, and timing."""
 
     def __init__(self, total_steps: int):
         self.total = total_steps

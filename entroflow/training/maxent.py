@@ -21,15 +21,16 @@ In both moving modes β ← β + meta_lr · (KL - target_kl) (not below 0; uncha
 is 0): the measured KL is the policy's, not a function of β within the step, so β follows the
 error itself, raising the pull toward π_ref when the policy has drifted too far.
 
-Where this differs from liv-daliberti/maxent-grpo's meta-controller (training/
-controller_objective.py, controller_optimizer.py, weighting/logic.py): there, `analytic` applies
-the error H - H* (and KL - target) as the gradient, which is this `first_order`; its
-`first_order` (truncated_backprop) reads autograd gradients left on τ by the training loss, but
-its weights are detached before the loss, so it falls back to that same rule. Here `analytic`
-carries the chain rule through the softmax, which scales τ's step by how sensitive H(w) is to τ
-(both move τ the same way: dH/dτ ≥ 0). Also not taken over: its separate τ and β rates, β's
-gradient clip, the update interval and Adam on τ, β (here one plain step of meta_lr per step);
-and its weights divide by τ on the meta-controller's path where ours divide by τ + β throughout.
+Where this differs from liv-daliberti/maxent-grpo's meta-controller (src/maxent_grpo/training/
+controller_objective.py, controller_optimizer.py, weighting/logic.py, as of its commit 8392b2b):
+there, `analytic` applies the error H - H* (and KL - target) as the gradient, which is this
+`first_order`; its `first_order` (truncated_backprop) reads autograd gradients left on τ by the
+training loss, but its weights are computed from a float τ or detached, so no gradient reaches τ
+and it falls back to that same rule. Here `analytic` carries the chain rule through the softmax,
+which scales τ's step by how sensitive H(w) is to τ (both move τ the same way: dH/dτ ≥ 0). Also
+not taken over: its separate τ and β rates, β's gradient clip, the update interval and Adam on
+τ, β (here one plain step of meta_lr per step); and its weights divide by τ (or a stored
+denominator) where ours divide by τ + β throughout.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from entroflow.config import schema_defaults
+from entroflow.errors import EntroflowError
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -117,7 +119,7 @@ class MaxEntController:
 
     def __post_init__(self):
         if self.mode not in CONTROLLER_MODES:
-            raise ValueError(
+            raise EntroflowError(
                 f"maxent.controller.mode: unknown mode {self.mode!r}; "
                 f"choose one of {', '.join(CONTROLLER_MODES)}"
             )
@@ -164,7 +166,7 @@ class MaxEntController:
         state = dict(state)
         unknown = set(state) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(
+            raise EntroflowError(
                 f"maxent controller state: unknown keys {sorted(unknown)} (a state saved before "
                 "the controller took mode and meta_lr)"
             )

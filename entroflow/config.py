@@ -42,6 +42,19 @@ def check_names(config: dict) -> None:
                 )
 
 
+def check_removed_keys(config: dict) -> None:
+    """One ConfigError naming a key an earlier entroflow took, with what replaced it."""
+    runs = config.get("runs")
+    for name, run in runs.items() if isinstance(runs, dict) else ():
+        maxent = run.get("maxent") if isinstance(run, dict) else None
+        controller = maxent.get("controller") if isinstance(maxent, dict) else None
+        if isinstance(controller, dict) and "rate" in controller:
+            raise ConfigError(
+                f"config: runs.{name}.maxent.controller.rate: removed with the multiplicative "
+                "controller; use mode (analytic, first_order or static) and meta_lr"
+            )
+
+
 def _with_defaults(validator_class):
     validate_properties = validator_class.VALIDATORS["properties"]
 
@@ -79,6 +92,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Validate in place (defaults filled) and check names refer to existing entries."""
     schema = schema or load_schema()
     check_names(config)
+    check_removed_keys(config)
     errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]

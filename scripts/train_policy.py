@@ -12,8 +12,13 @@ log = setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 s = dict(snakemake.params.settings)
 lora = s.pop("lora")
+# report_to is not a param (no rerun for a tracker): from the config, applied when training runs.
 settings = RunSettings(
-    **s, lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_targets=lora["targets"]
+    **s,
+    lora_rank=lora["rank"],
+    lora_alpha=lora["alpha"],
+    lora_targets=lora["targets"],
+    report_to=snakemake.config["runs"][snakemake.wildcards.run]["report_to"],
 )
 summary = train_policy(
     settings,

@@ -20,7 +20,9 @@ through `on_rollout`, then
   H̄(θ1) - H̄(θ0) on the same tokens (`probe_realised`; H̄(θ0) from the trace pass);
 - at step end: the trace file and manifest line, and the probe's values in the trainer's logs
   under the same names, with the covariance predictor of Cui et al. (2025) beside the
-  prediction (`probe_covariance`).
+  prediction (`probe_covariance`), and the tokens' entropy mean and percentiles
+  (`trace_entropy/p50`, ...). Through the trainer's `log` they reach TRL's integrations
+  (`report_to`: TensorBoard, W&B) with TRL's own metrics.
 
 H̄ is the token-weighted mean entropy along the fixed rollout prefixes, so predicted and
 realised values measure the same quantity; how the *policy's* entropy changes (including which
@@ -54,6 +56,8 @@ from entroflow.training.traces import (
     PROBE_PREDICTED,
     PROBE_REALISED,
     TraceWriter,
+    logged_stats,
+    step_stats,
 )
 
 log = logging.getLogger(__name__)
@@ -321,12 +325,14 @@ class EntropyMonitor(TrainerCallback):
             return
         r = self.rollout
         self.metrics["probe_seconds"] = self._probe_seconds
-        if self.trainer is not None:
-            self.trainer.record_metrics(self.metrics)
+        if self.trainer is not None:  # logged with TRL's metrics, so the trackers get them too
+            tokens = np.concatenate([np.zeros(0, np.float32), *self.entropy])
+            self.trainer.record_metrics({**self.metrics, **logged_stats(step_stats(tokens))})
         if self.writer is not None and state.global_step % self.write_every == 0:
             extra = {
                 "reward_mean": float(r.rewards.mean()),
                 "accuracy": float(r.correct.mean()),
+                **r.metrics,  # the trainer's (MaxEnt-GRPO: τ, β, Δτ, Δβ), as in its logs
                 **self.metrics,  # the same names as in the trainer's logs
             }
             self.writer.write(state.global_step, self.trace_table(state.global_step), extra)

@@ -8,7 +8,7 @@ functions), the advantages the loss will use. It hands the rollout to every call
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ class Rollout:
     correct: np.ndarray  # int8 [B]: the first reward function above 0.5
     advantages: np.ndarray  # float32 [B]: the advantages the loss uses
     group: np.ndarray  # int32 [B]: index of the prompt group
+    # Values the trainer computed for this step (MaxEnt-GRPO: its controller's τ, β, Δτ, Δβ),
+    # logged by it and written to the trace manifest under the same names:
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:

@@ -17,7 +17,14 @@ from entroflow.journal import fingerprint, folder_fingerprint
 from entroflow.lm.models import load_model, load_tokenizer
 from entroflow.training.monitor import EntropyMonitor
 from entroflow.training.traces import PROBE_COVARIANCE, PROBE_PREDICTED, PROBE_REALISED
-from entroflow.training.trainer import RunSettings, build_trainer, last_checkpoint, run_metadata
+from entroflow.training.trainer import (
+    TENSORBOARD_DIR,
+    RunSettings,
+    build_trainer,
+    check_trackers,
+    last_checkpoint,
+    run_metadata,
+)
 
 log = logging.getLogger(__name__)
 LOGGED = (
@@ -27,12 +34,17 @@ LOGGED = (
     PROBE_REALISED,
     PROBE_COVARIANCE,
     "probe_seconds",
+    "maxent/tau",  # maxent_grpo: the controller's τ, β at this step and its step after it
+    "maxent/delta_tau",
+    "maxent/beta",
+    "maxent/delta_beta",
     "step_time",
 )
 
 
 class StepLog(TrainerCallback):
-    """One log line per step with reward, entropy, the step probe's values and timing."""
+    """One log line per step with reward, entropy, the step probe's values, MaxEnt-GRPO's τ, β
+    with their steps, and timing."""
 
     def __init__(self, total_steps: int):
         self.total = total_steps
@@ -68,9 +80,11 @@ RESUME_KEY = "resume-key.json"  # what the checkpoints in a run folder were made
 
 
 def run_key(settings, model_dir, problems, system_prompt, dtype, code) -> str:
+    """What a run's checkpoints are made from (the trackers it logs to are not part of it)."""
     model = folder_fingerprint(model_dir) if Path(model_dir).is_dir() else str(model_dir)
     columns = {c: problems[c].astype(str).tolist() for c in sorted(problems.columns)}
-    return fingerprint(dataclasses.asdict(settings), model, columns, system_prompt, dtype, code)
+    made_from = {k: v for k, v in dataclasses.asdict(settings).items() if k != "report_to"}
+    return fingerprint(made_from, model, columns, system_prompt, dtype, code)
 
 
 def resumable_checkpoint(output: Path, key: str) -> Path | None:
@@ -103,19 +117,22 @@ def train_policy(
     reward_funcs: list | None = None,
     code: str = "",
 ) -> dict:
-    """Train, writing checkpoints to output_dir/checkpoint-{step} and the trace to output_dir/trace.
+    """Train, writing checkpoints to output_dir/checkpoint-{step}, the trace to output_dir/trace
+    and, with report_to tensorboard, event files to output_dir/tensorboard.
 
     Resumes from the last complete checkpoint only when it was made from the same settings,
     model, problems and `code` (the rule's code fingerprint); otherwise trains from scratch.
     """
+    check_trackers(settings.report_to)  # before anything is removed or loaded
     output = Path(output_dir)
     trace_dir = output / "trace"
     key = run_key(settings, model_dir, problems, system_prompt, dtype, code)
     checkpoint = resumable_checkpoint(output, key) if resume else None
-    if checkpoint is None:  # a fresh start: old checkpoints or trace would mix two runs
+    if checkpoint is None:  # a fresh start: old checkpoints, trace or events would mix two runs
         for old in output.glob("checkpoint-*"):
             shutil.rmtree(old)
         shutil.rmtree(trace_dir, ignore_errors=True)
+        shutil.rmtree(output / TENSORBOARD_DIR, ignore_errors=True)
     output.mkdir(parents=True, exist_ok=True)
     (output / RESUME_KEY).write_text(json.dumps({"key": key}) + "\n")
     tokenizer = load_tokenizer(model_dir)

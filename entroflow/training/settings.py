@@ -38,3 +38,4 @@ class RunSettings:
     probe_every: int = _RUN["probe_every"]
     probe_sequences: int = _RUN["probe_sequences"]
     maxent: dict = field(default_factory=lambda: dict(_RUN["maxent"]))
+    report_to: list[str] = field(default_factory=lambda: list(_RUN["report_to"]))

@@ -22,6 +22,16 @@ PROBE_REALISED = "probe_realised"  # H̄(θ + Δθ) - H̄(θ) on the same tokens
 PROBE_COVARIANCE = "probe_covariance"  # Cui et al.'s -κ Cov(log π, A)
 
 
+# The step's token-entropy statistics (step_stats) also go to the trainer's logs, hence to the
+# experiment trackers (runs.*.report_to), under these names:
+LOGGED_STATS = ("mean", "p50", "p80", "p90", "p99")
+
+
+def logged_stats(stats: dict) -> dict:
+    """step_stats' values under their names in the trainer's logs: trace_entropy/p50, ..."""
+    return {f"trace_entropy/{k}": stats[k] for k in LOGGED_STATS if k in stats}
+
+
 def step_stats(entropy: np.ndarray) -> dict:
     h = np.asarray(entropy, dtype=np.float64)
     if h.size == 0:

@@ -7,6 +7,7 @@ optimizer's order, so the AdamW state can be mapped back to named LoRA tensors l
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -15,16 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.integrations import TensorBoardCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from entroflow.config import schema_defaults
+from entroflow.errors import EntroflowError
 from entroflow.estimators.delta_h import score_sequences
 from entroflow.lm.checkpoints import PARAM_NAMES_FILE
 from entroflow.training.algorithms import algorithm
 from entroflow.training.maxent import (
     MaxEntController,
     maxent_advantages,
-    maxent_weights,
     weight_entropy,
+    weight_logits,
+    weights_from_logits,
 )
 from entroflow.training.rollout import Rollout, advantages_array, make_rollout
 from entroflow.training.settings import RunSettings
@@ -32,6 +37,22 @@ from entroflow.training.settings import RunSettings
 log = logging.getLogger(__name__)
 
 MAXENT_STATE_FILE = "maxent_state.json"
+TENSORBOARD_DIR = "tensorboard"  # in the run's folder, beside checkpoint-*/ and trace/
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard (in the train extra: pip install -e '.[train]')",
+    "wandb": "wandb (pip install wandb; WANDB_MODE=offline logs without an account)",
+}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """One line naming `report_to` when a chosen tracker's package is not installed."""
+    for name in report_to:
+        if name not in TRACKER_PACKAGES:
+            raise EntroflowError(
+                f"report_to: unknown tracker {name!r}; choose from {', '.join(TRACKER_PACKAGES)}"
+            )
+        if importlib.util.find_spec(name) is None:
+            raise EntroflowError(f"report_to: {name} needs the package {TRACKER_PACKAGES[name]}")
 
 
 def optimizer_param_names(model, optimizer) -> list[list[str]]:
@@ -100,10 +121,13 @@ class EntroflowGRPOTrainer(GRPOTrainer):
             path.write_text(json.dumps(optimizer_param_names(self.model, self.optimizer), indent=1))
 
 
+_MAXENT = schema_defaults("runs", "*", "maxent")
+
+
 @dataclass
 class MaxEntSettings:
-    reward_temperature: float = 0.5
-    floor: float = 1e-3
+    reward_temperature: float = _MAXENT["reward_temperature"]
+    floor: float = _MAXENT["floor"]
     controller: MaxEntController = field(default_factory=MaxEntController)
 
 
@@ -140,7 +164,7 @@ class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
         self.model.train(was_training)
         g = self.num_generations
         ctrl = self.maxent.controller
-        w = maxent_weights(
+        z = weight_logits(
             rollout.rewards.reshape(-1, g),
             reference.reshape(-1, g),
             ctrl.tau,
@@ -148,17 +172,17 @@ class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
             self.maxent.reward_temperature,
             self.maxent.floor,
         )
+        w = weights_from_logits(z)
         kl = float(np.mean(policy - reference))
-        h_w = weight_entropy(w)
-        self.record_metrics(
-            {
-                "maxent/tau": ctrl.tau,
-                "maxent/beta": ctrl.beta,
-                "maxent/weight_entropy": h_w,
-                "maxent/kl": kl,
-            }
-        )
-        ctrl.update(h_w, kl)
+        metrics = {
+            "tau": ctrl.tau,  # the τ, β this step's weights were made with
+            "beta": ctrl.beta,
+            "weight_entropy": weight_entropy(w),
+            "kl": kl,
+            **ctrl.update(z, kl),  # delta_tau, delta_beta: the controller's step after it
+        }
+        rollout.metrics.update({f"maxent/{k}": v for k, v in metrics.items()})
+        self.record_metrics({f"maxent/{k}": v for k, v in metrics.items()})
         return maxent_advantages(w)
 
     def _save_checkpoint(self, model, trial):
@@ -204,7 +228,7 @@ def grpo_config(settings: RunSettings, output_dir: str, reward_weights: list[flo
         reward_weights=reward_weights,
         use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        report_to=[],
+        report_to=list(settings.report_to),
         disable_tqdm=True,
         seed=settings.seed,
         data_seed=settings.seed,
@@ -235,6 +259,7 @@ def build_trainer(
     from entroflow.training.rewards import make_reward_funcs
 
     algo = algorithm(settings.algorithm)  # an unknown name fails here, before any model work
+    check_trackers(settings.report_to)
     if reward_funcs is None:
         reward_funcs, reward_weights = make_reward_funcs(settings.format_reward)
     else:
@@ -250,8 +275,13 @@ def build_trainer(
     if algo.listwise:
         m = dict(settings.maxent)
         controller = MaxEntController(**m.pop("controller", {}))
-        return MaxEntGRPOTrainer(**kwargs, maxent=MaxEntSettings(**m, controller=controller))
-    return EntroflowGRPOTrainer(**kwargs)
+        trainer = MaxEntGRPOTrainer(**kwargs, maxent=MaxEntSettings(**m, controller=controller))
+    else:
+        trainer = EntroflowGRPOTrainer(**kwargs)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):  # else in output_dir/runs/<time_host>/
+            callback.logging_dir = str(Path(output_dir) / TENSORBOARD_DIR)
+    return trainer
 
 
 def run_metadata(settings: RunSettings, model_path: str) -> dict:

@@ -70,12 +70,14 @@ def test_target_floor_and_limits():
     assert weight_entropy(w) == pytest.approx(math.log(4))
 
 
-def test_controller_moves_toward_targets_and_round_trips():
-    c = MaxEntController(tau=1.0, beta=0.1, target_weight_entropy=1.0, target_kl=0.05)
-    c.update(weight_entropy_now=0.2, kl_now=0.2)  # too peaked, KL too high
+@pytest.mark.parametrize("mode", ["analytic", "first_order"])
+def test_controller_moves_toward_targets_and_round_trips(mode):
+    peaked = np.array([[4.0, 0.0, 0.0, 0.0]])  # weight logits: H(w) well below log 4
+    c = MaxEntController(tau=1.0, beta=0.1, target_weight_entropy=1.0, target_kl=0.05, mode=mode)
+    c.update(peaked, kl_now=0.2)  # too peaked, KL too high
     assert c.tau > 1.0 and c.beta > 0.1
     tau, beta = c.tau, c.beta
-    c.update(weight_entropy_now=2.0, kl_now=0.0)  # too flat, KL low
+    c.update(peaked / 10, kl_now=0.0)  # too flat, KL low
     assert c.tau < tau and c.beta < beta
     assert MaxEntController.from_state(c.state()) == c
 

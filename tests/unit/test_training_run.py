@@ -300,6 +300,12 @@ def test_maxent_grpo_trains_and_restores_its_controller(model_dir, problems, tmp
     adv = table["responses/advantage"].reshape(-1, 4)
     np.testing.assert_allclose(adv.sum(axis=1), 0, atol=1e-5)  # G·w - 1 sums to zero per group
     assert not np.allclose(adv, 0)
+    # Each step's row holds the τ, β its weights were made with and the controller's step after.
+    tau = np.array([r["maxent/tau"] for r in rows])
+    beta = np.array([r["maxent/beta"] for r in rows])
+    np.testing.assert_allclose(tau[1:], tau[:-1] + [r["maxent/delta_tau"] for r in rows[:-1]])
+    np.testing.assert_allclose(beta[1:], beta[:-1] + [r["maxent/delta_beta"] for r in rows[:-1]])
+    assert tau[0] == 2.0 and all(r["maxent/delta_tau"] != 0 for r in rows)
     saved = [
         MaxEntController.from_state(
             json.loads((out / f"checkpoint-{s}" / MAXENT_STATE_FILE).read_text())

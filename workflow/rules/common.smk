@@ -297,8 +297,10 @@ def get_run_problems(wildcards):
 
 
 def get_train_settings(wildcards):
-    """Only the keys training uses (params are a rerun trigger: analysis settings stay out)."""
-    keys = {f.name for f in dataclasses.fields(RunSettings)} | {"lora"}
+    """Only the keys training uses (params are a rerun trigger: analysis settings stay out;
+    so does report_to, read by the script from the config: trackers change no result).
+    """
+    keys = {f.name for f in dataclasses.fields(RunSettings)} - {"report_to"} | {"lora"}
     return {k: v for k, v in get_run(wildcards).items() if k in keys}
 
 

@@ -3,6 +3,10 @@ localrules:
     plot_training,
 
 
+# Beside its outputs, training writes checkpoint-*/ and, with report_to tensorboard, tensorboard/
+# (event files) in results/runs/{run}/. Neither is an output: Snakemake would delete them before a
+# rerun, and a rerun resumes from the last checkpoint, adding to the same event folder (a fresh
+# start clears both). report_to is read from the config, not a param: trackers trigger no rerun.
 rule train_policy:
     input:
         problems=get_run_problems,

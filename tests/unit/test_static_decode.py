@@ -263,8 +263,9 @@ def test_refill_greedy_tokens_equal_one_prompt_at_a_time(model, tiny_tokenizer, 
         static_options=REFILL,
     )  # fmt: skip
     done = []
-    expected, got = alone.generate(prompts, params), refilling.generate(
-        prompts, params, progress=lambda d, n, s: done.append((d, n))
+    expected, got = (
+        alone.generate(prompts, params),
+        refilling.generate(prompts, params, progress=lambda d, n, s: done.append((d, n))),
     )
     assert len(refills) >= 3 and shrinks  # rows refilled, then retired once none wait
     assert done[-1] == (11, 11) and done == sorted(done)

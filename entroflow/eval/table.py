@@ -55,7 +55,6 @@ def long(
     of them without a result gets a row with NaN. A result without `per_seed` gives its mean
     and no error bar."""
     rows = []
-    results = list(results)
     for r in results:
         per_seed = r.get("per_seed", {})
         for metric in metric_order(r):

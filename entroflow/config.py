@@ -162,15 +162,26 @@ def _check_sweep(config: dict, name: str, sweep: dict) -> None:
         )
 
 
+def eval_datasets(entry: dict) -> list[str]:
+    """The datasets a validated run's `eval` entry evaluates on: `datasets`, or `[dataset]`."""
+    if entry.get("datasets") is not None:
+        return list(entry["datasets"])
+    return [entry["dataset"]] if entry.get("dataset") is not None else []
+
+
 def _check_run(config: dict, name: str, run: dict) -> None:
     where = f"config: runs.{name}"
     if run["model"] not in config["models"]:
         raise ConfigError(
             f"{where}.model: unknown model '{run['model']}'; available: {', '.join(sorted(config['models']))}"
         )
+    ev = run["eval"]
+    if ev["dataset"] is not None and ev["datasets"] is not None:
+        raise ConfigError(f"{where}.eval: give 'dataset' (one) or 'datasets' (a list), not both")
     datasets = [
         ("dataset", run.get("dataset")),
-        ("eval.dataset", run["eval"]["dataset"]),
+        ("eval.dataset", ev["dataset"]),
+        *((f"eval.datasets.{i}", value) for i, value in enumerate(ev["datasets"] or [])),
         ("delta_h.dataset", run["delta_h"]["dataset"]),
     ]
     if run["checkpoints"] is None and run.get("dataset") is None:

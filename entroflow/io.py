@@ -372,6 +372,23 @@ def tokens_frame(table: TokenTable, with_text: bool = True) -> pd.DataFrame:
     return frame
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (a temporary file beside it, renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_temp(path)
+    try:
+        Path(tmp).write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
 def read_json(path: str | os.PathLike) -> dict:
     with open(path) as f:
         return json.load(f)

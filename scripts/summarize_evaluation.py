@@ -1,15 +1,12 @@
-"""Rule summarize_evaluation: one CSV and markdown table across checkpoints."""
+"""Rule summarize_evaluation: the run's table across datasets (per metric, checkpoints x datasets,
+mean ± standard error over seeds) as CSV and Markdown, and as plain text in the log."""
 
-import pandas as pd
-
-from entroflow.eval.evaluation import markdown_table
+from entroflow.eval import table
 from entroflow.io import read_json
 from entroflow.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])
-rows = [read_json(path) for path in snakemake.input]
-table = pd.DataFrame(rows).sort_values("step").drop(columns=["checkpoint"])
-table.to_csv(snakemake.output.csv, index=False)
-with open(snakemake.output.markdown, "w") as f:
-    f.write(markdown_table(table))
-log.info("\n%s", markdown_table(table))
+results = [read_json(path) for path in snakemake.input]
+frame = table.long(results, snakemake.params.datasets, snakemake.params.steps)
+table.write(frame, snakemake.output.csv, snakemake.output.markdown)
+log.info("\n%s", table.text(frame))

@@ -105,20 +105,23 @@ def evaluate(
     return pd.DataFrame(done.values())
 
 
+def per_seed_metrics(results: pd.DataFrame, ks: Sequence[int]) -> pd.DataFrame:
+    """One row per seed, columns pass@k and avg@k for each k: each averaged over the prompts."""
+    rows = {}
+    for seed, group in results.groupby("seed"):
+        row = {}
+        for k in ks:
+            row[f"pass@{k}"] = float(
+                np.mean([pass_at_k(r.n, sum(r.correct), k) for r in group.itertuples()])
+            )
+            row[f"avg@{k}"] = float(np.mean([avg_at_k(r.correct, k) for r in group.itertuples()]))
+        rows[int(seed)] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def summarize(results: pd.DataFrame, ks: Sequence[int]) -> dict:
     """Pass@1, Pass@k (unbiased) and Avg@k, each averaged over prompts then over seeds."""
-    out: dict[str, float] = {}
-    for k in ks:
-        per_seed_pass = results.groupby("seed").apply(
-            lambda g, k=k: np.mean([pass_at_k(r.n, sum(r.correct), k) for r in g.itertuples()]),
-            include_groups=False,
-        )
-        per_seed_avg = results.groupby("seed").apply(
-            lambda g, k=k: np.mean([avg_at_k(r.correct, k) for r in g.itertuples()]),
-            include_groups=False,
-        )
-        out[f"pass@{k}"] = float(per_seed_pass.mean())
-        out[f"avg@{k}"] = float(per_seed_avg.mean())
+    out: dict = {k: float(v) for k, v in per_seed_metrics(results, ks).mean().items()}
     out["prompts"] = int(results["id"].nunique())
     out["seeds"] = int(results["seed"].nunique())
     return out

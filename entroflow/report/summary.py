@@ -8,7 +8,7 @@ numbers for tests. Nothing is recomputed here: every figure is read from an exis
     top_tokens.csv        the most frequent forking (> P80) and low-entropy tokens
     training_report.json  the demo model's greedy accuracy on held-out problems (demo models only)
     trace/manifest.jsonl  a training run's reward per step: mean of the first and last k steps
-    eval/table.csv        Pass@k per checkpoint
+    eval/table.csv        Pass@k / Avg@k per checkpoint and dataset (mean, SE over seeds)
     delta_h/*.h5          per checkpoint, at η = lr: ΔH, δH₁, covariance predictor, nonlinearity
                           with 95% intervals, and the verdict (checkpoint.delta_h_result)
     fisher/*/kernel.h5    per checkpoint: the kernel's reconstruction-identity relative error
@@ -29,6 +29,7 @@ import pandas as pd
 
 from entroflow.checkpoint.delta_h_result import DeltaHResult
 from entroflow.checkpoint.fisher_run import FisherResult
+from entroflow.eval.table import read_wide
 
 # Reasoning connectives of the arithmetic corpus (its opener, check and conclusion forks).
 CONNECTIVES = ("Wait", "So", "Thus", "Therefore", "Hence", "Let", "We", "First")
@@ -40,7 +41,7 @@ class RunFiles:
 
     name: str
     manifest: Path | None = None  # trace/manifest.jsonl
-    eval_table: Path | None = None  # eval/table.csv
+    eval_table: Path | None = None  # eval/table.csv (entroflow.eval.table)
     delta_h: dict[int, Path] = field(default_factory=dict)  # step -> delta_h/checkpoint-*.h5
     fisher: dict[int, Path] = field(default_factory=dict)  # step -> fisher/checkpoint-*/kernel.h5
 
@@ -134,17 +135,28 @@ def fisher_summary(path: str | Path) -> dict:
     return {"identity_relative_error": FisherResult.read(path).identity_relative_error}
 
 
+def eval_rows(table: pd.DataFrame) -> list[dict]:
+    """One dict per (checkpoint, dataset) with a result: step, dataset, each metric's mean over
+    seeds and its standard error (`<metric>_se`, None with one seed)."""
+    rows = []
+    for (step, dataset), part in table.dropna(subset=["mean"]).groupby(
+        ["step", "dataset"], sort=False
+    ):
+        row: dict = {"step": int(step), "dataset": dataset}
+        for r in part.itertuples():
+            row[r.metric] = float(r.mean)
+            row[f"{r.metric}_se"] = None if math.isnan(r.se) else float(r.se)
+        rows.append(row)
+    return sorted(rows, key=lambda row: row["step"])
+
+
 def run_summary(files: RunFiles, k: int = 10) -> dict:
     out: dict = {"name": files.name}
     if files.manifest is not None:
         rows = [json.loads(x) for x in Path(files.manifest).read_text().splitlines() if x.strip()]
         out["reward"] = reward_summary(rows, k)
     if files.eval_table is not None:
-        table = pd.read_csv(files.eval_table)
-        out["eval"] = [
-            {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-            for row in table.to_dict("records")
-        ]
+        out["eval"] = eval_rows(read_wide(files.eval_table))
     steps = sorted(set(files.delta_h) | set(files.fisher))
     out["checkpoints"] = []
     for step in steps:
@@ -233,10 +245,11 @@ def markdown(summary: dict) -> str:
         for row in run.get("eval", []):
             scores = ", ".join(
                 f"{key} {value:.3f}"
+                + ("" if row[f"{key}_se"] is None else f" ± {row[f'{key}_se']:.3f}")
                 for key, value in row.items()
-                if key.startswith(("pass@", "avg@")) and isinstance(value, float)
+                if key.startswith(("pass@", "avg@")) and not key.endswith("_se")
             )
-            lines.append(f"- eval, checkpoint {row['step']}: {scores}")
+            lines.append(f"- eval on {row['dataset']}, checkpoint {row['step']}: {scores}")
         if run["checkpoints"]:
             lines += checkpoint_table(run["checkpoints"])
     return "\n".join(lines) + "\n"

@@ -60,7 +60,7 @@ def test_every_demo_job_ran_on_slurm_and_completed(slurm_jobs):
     assert not set(counts) & LOCAL_RULES  # these stay on the controller
     assert counts["generate_responses"] == counts["score_entropy"] == 2
     assert counts["train_policy"] == 1
-    assert counts["evaluate_checkpoint"] == 3
+    assert counts["evaluate_checkpoint"] == 3 * 2  # checkpoints x evaluation sets
     assert counts["estimate_delta_h"] == counts["compute_fisher_kernel"] == 3
     assert counts["evaluate_temperature_cell"] == 4
 

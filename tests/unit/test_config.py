@@ -96,6 +96,15 @@ def mutated(path, value):
         (RUN(eval={"k": [8]}), "exceed samples_per_prompt"),
         (RUN(model="gpt"), "runs.r.model: unknown model 'gpt'"),
         (RUN(eval={"dataset": "aime"}), "runs.r.eval.dataset: unknown dataset 'aime'"),
+        (
+            RUN(eval={"datasets": ["arith", "aime"]}),
+            "runs.r.eval.datasets.1: unknown dataset 'aime'; available: arith",
+        ),
+        (
+            RUN(eval={"dataset": "arith", "datasets": ["arith"]}),
+            "runs.r.eval: give 'dataset' (one) or 'datasets' (a list), not both",
+        ),
+        (RUN(eval={"datasets": ["arith", "arith"]}), "runs.r.eval.datasets: ['arith', 'arith']"),
         (RUN(fisher={"enabled": True}), "needs delta_h enabled"),
         (
             mutated(
@@ -152,6 +161,21 @@ def test_check_config_cli_names_file_and_line(tmp_path, capsys):
     assert str(bad) in err and "malformed YAML" in err and "line 3" in err
     assert main(["check-config", str(ROOT / "config/config.yaml")]) == 0
     assert "config.yaml: ok (2 experiments, 1 runs" in capsys.readouterr().out
+
+
+def test_check_config_passes_the_five_presets_in_one_eval(tmp_path, capsys):
+    """maxent-grpo's evaluation sets, each a preset, all in one run's `eval.datasets`."""
+    from entroflow.cli import main
+
+    presets = ["math_500", "aime24", "aime25", "amc", "minerva"]
+    cfg = RUN(
+        eval={"datasets": presets, "samples_per_prompt": 8, "k": [1, 8], "seeds": [0, 1, 2, 3, 4]}
+    )
+    cfg["datasets"].update({name: {"preset": name} for name in presets})
+    path = tmp_path / "five.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
+    assert "ok (1 experiments, 1 runs, 6 datasets" in capsys.readouterr().out
 
 
 def renamed(section, old, new):

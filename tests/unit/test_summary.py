@@ -47,9 +47,16 @@ def test_summary_reads_each_figure_from_its_file(tmp_path):
         "".join(json.dumps({"step": i + 1, "reward_mean": r}) + "\n" for i, r in enumerate(rewards))
     )
     eval_table = tmp_path / "table.csv"
-    pd.DataFrame({"step": [10, 20], "pass@1": [0.25, 0.3], "prompts": [48, 48]}).to_csv(
-        eval_table, index=False
-    )
+    pd.DataFrame(  # eval.table.wide: checkpoint 20 has no result on "small"
+        {
+            "metric": ["pass@1", "pass@1"],
+            "step": [10, 20],
+            "arith": [0.25, 0.3],
+            "arith_se": [0.05, None],
+            "small": [0.5, None],
+            "small_se": [None, None],
+        }
+    ).to_csv(eval_table, index=False)
     delta_h_file(tmp_path / "d10.h5", 1e-3)
     delta_h_file(tmp_path / "d20.h5", 1e-3, verdict="undecided")
     kernel = {name: np.zeros((2, 2)) for name in KERNEL_ARRAYS}
@@ -92,7 +99,12 @@ def test_summary_reads_each_figure_from_its_file(tmp_path):
         "reward_first_steps": pytest.approx(0.45),
         "reward_last_steps": pytest.approx(0.75),
     }
-    assert [row["pass@1"] for row in r["eval"]] == [0.25, 0.3]
+    assert [(row["step"], row["dataset"], row["pass@1"]) for row in r["eval"]] == [
+        (10, "arith", 0.25),
+        (10, "small", 0.5),
+        (20, "arith", 0.3),
+    ]
+    assert [row["pass@1_se"] for row in r["eval"]] == [0.05, None, None]
     c10, c20 = r["checkpoints"]
     # η = lr is the third row of the sweep
     assert (c10["eta"], c10["delta_h_true"], c10["stderr"], c10["delta_h_first_order"]) == (
@@ -108,6 +120,8 @@ def test_summary_reads_each_figure_from_its_file(tmp_path):
     write(summary, tmp_path / "s.json", tmp_path / "s.md")
     assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(summary))
     page = (tmp_path / "s.md").read_text()
+    assert "- eval on arith, checkpoint 10: pass@1 0.250 ± 0.050" in page
+    assert "- eval on small, checkpoint 10: pass@1 0.500\n" in page
     for text in ("0.975", "54,321", "0.5%", "0.443", "0.312", "0.450 → 0.750"):
         assert text in page, text
     assert c10["relative_error_ci"] == [-0.1, 0.1] and c10["e_responses"] == 4096

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from entroflow.checkpoint.delta_h_result import DeltaHResult
@@ -85,6 +86,21 @@ def test_demo_summary_is_the_runs_numbers(demo):
     assert f"{stats['n_tokens']:,} tokens" in page
     assert f"{stats['forking_threshold']:.3f} nats" in page
     assert f"{report['greedy_accuracy']:.3f}" in page
+
+
+@pytest.mark.workflow
+def test_demo_eval_table_holds_both_datasets(demo):
+    """The run's table across its two evaluation sets: per metric, checkpoints x datasets."""
+    table = pd.read_csv(demo / "results/runs/demo/eval/table.csv")
+    datasets = ["arithmetic_eval", "arithmetic_small"]
+    assert list(table.columns) == ["metric", "step"] + [c for d in datasets for c in (d, f"{d}_se")]
+    assert table[["metric", "step"]].values.tolist() == [
+        [m, s] for m in ("pass@1", "pass@4", "avg@1", "avg@4") for s in (10, 20, 30)
+    ]
+    assert table[datasets].stack().between(0, 1).all() and table[datasets].notna().all().all()
+    assert (table[[f"{d}_se" for d in datasets]] >= 0).all().all()  # two seeds: an error bar
+    md = (demo / "results/runs/demo/eval/table.md").read_text()
+    assert "| checkpoint | arithmetic_eval (48 prompts) | arithmetic_small (8 prompts) |" in md
 
 
 @pytest.mark.workflow

@@ -65,7 +65,10 @@ def test_training_checkpoints_traces_and_eval(smollm2):
     assert [m["step"] for m in manifest] == [1, 2, 3, 4]
     assert all(np.isfinite(m["probe_predicted"]) for m in manifest)
     table = (run / "eval/table.csv").read_text().splitlines()
-    assert table[0].startswith("step,pass@1,avg@1,pass@2,avg@2") and len(table) == 3
+    assert table[0] == "metric,step,smollm2_arithmetic_eval,smollm2_arithmetic_eval_se"
+    assert [row.split(",")[:2] for row in table[1:]] == [
+        [m, s] for m in ("pass@1", "pass@2", "avg@1", "avg@2") for s in ("2", "4")
+    ]
 
 
 def test_delta_h_first_order_agrees_at_small_eta_with_intervals(smollm2):

@@ -124,6 +124,7 @@ def small_demo_config(tmp_path: Path) -> Path:
     exp["sampling"]["max_new_tokens"] = 48
     cfg["analysis"]["min_token_count"] = 2
     cfg["datasets"]["arithmetic_eval"]["n"] = 3
+    cfg["datasets"]["arithmetic_small"]["n"] = 2
     run = cfg["runs"]["demo"]
     run.update(steps=4, save_every=2, group_size=4, prompts_per_step=2, max_new_tokens=24)
     run["eval"].update(samples_per_prompt=2, k=[1, 2], seeds=[0], max_new_tokens=24)
@@ -195,8 +196,27 @@ def test_demo_runs_end_to_end_and_writes_the_contract(tmp_path):
     assert [m["step"] for m in manifest] == [1, 2, 3, 4]
     load_checked(run_dir / "trace" / manifest[0]["file"])
     assert (run_dir / "figures/training.png").read_bytes()[:4] == b"\x89PNG"
-    table = (run_dir / "eval/table.csv").read_text().splitlines()
-    assert table[0].startswith("step,pass@1,avg@1,pass@2,avg@2") and len(table) == 3
+    # The table across the run's two evaluation sets: per metric, checkpoints x datasets.
+    table = pd.read_csv(run_dir / "eval/table.csv")
+    assert list(table.columns) == [
+        "metric",
+        "step",
+        "arithmetic_eval",
+        "arithmetic_eval_se",
+        "arithmetic_small",
+        "arithmetic_small_se",
+    ]
+    assert table[["metric", "step"]].values.tolist() == [
+        [m, s] for m in ("pass@1", "pass@2", "avg@1", "avg@2") for s in (2, 4)
+    ]
+    assert table[["arithmetic_eval", "arithmetic_small"]].stack().between(0, 1).all()
+    assert table.notna()[["arithmetic_eval", "arithmetic_small"]].all().all()
+    md = (run_dir / "eval/table.md").read_text()
+    assert "| checkpoint | arithmetic_eval (3 prompts) | arithmetic_small (2 prompts) |" in md
+    for dataset in ("arithmetic_eval", "arithmetic_small"):
+        for step in (2, 4):
+            assert (run_dir / f"eval/{dataset}/checkpoint-{step}.json").exists()
+    assert "Pass@2, one seed" in (work / "logs/summarize_evaluation/demo.log").read_text()
     # The forking-temperature sweep: one row per (T_high, T_low), threshold = measured P80.
     sweep = pd.read_csv(work / "results/sweeps/demo/table.csv")
     assert list(zip(sweep["t_high"], sweep["t_low"], strict=True)) == [(1.5, 0.5), (1.5, 1.0)]
@@ -259,7 +279,7 @@ def test_external_run_schedules_one_job_per_checkpoint_and_only_new_ones(tmp_pat
     (work / "resources/datasets").mkdir(parents=True)
     for name in ("arithmetic_eval", "arithmetic_train"):
         (work / f"resources/datasets/{name}.parquet").touch()
-    outputs = [f"eval/checkpoint-{s}.json" for s in (5, 7, 10)] + [
+    outputs = [f"eval/arithmetic_eval/checkpoint-{s}.json" for s in (5, 7, 10)] + [
         "eval/table.csv",
         "eval/table.md",
     ]

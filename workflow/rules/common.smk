@@ -8,6 +8,7 @@ from entroflow.checkpoint.settings import stage_params
 from entroflow.code_version import library_fingerprint
 from entroflow.config import validate_config
 from entroflow.data.datasets import resolve_entry
+from entroflow.eval.settings import EvalSettings
 from entroflow.eval.sweep import cell_name, sweep_cells
 from entroflow.lm.checkpoints import (
     CheckpointError,
@@ -98,9 +99,7 @@ def summary_runs(experiment):
                 else f"results/runs/{run}/trace/summary.json"
             ),
             "eval_table": (
-                f"results/runs/{run}/eval/table.csv"
-                if entry["eval"]["dataset"]
-                else None
+                f"results/runs/{run}/eval/table.csv" if eval_datasets(run) else None
             ),
             "delta_h": {
                 s: f"results/runs/{run}/delta_h/checkpoint-{s}.h5" for s in delta_h
@@ -240,7 +239,7 @@ def run_outputs(run):
             f"results/runs/{run}/run.json",
             f"results/runs/{run}/figures/training.png",
         ]
-    if entry["eval"]["dataset"]:
+    if eval_datasets(run):
         outputs += [f"results/runs/{run}/eval/table.csv"]
     if entry["delta_h"]["enabled"] and delta_h_checkpoints(run):
         outputs += [f"results/runs/{run}/figures/delta_h_loglog.png"]
@@ -328,17 +327,29 @@ def get_checkpoint_input(wildcards):
     return f"results/runs/{wildcards.run}/run.json"
 
 
-def get_eval_problems(wildcards):
-    return f"resources/datasets/{get_run(wildcards)['eval']['dataset']}.parquet"
+def eval_datasets(run):
+    return EvalSettings.from_entry(config["runs"][run]["eval"]).datasets
 
 
 def get_eval_settings(wildcards):
-    return get_run(wildcards)["eval"]
+    """The settings one (checkpoint, dataset) job reads: not the list of datasets, so that adding
+    one reruns none of the others (params are a rerun trigger)."""
+    return EvalSettings.from_entry(get_run(wildcards)["eval"]).job_params()
+
+
+def get_eval_datasets(wildcards):
+    return eval_datasets(wildcards.run)
+
+
+def get_eval_steps(wildcards):
+    return sorted(run_checkpoints(wildcards.run))
 
 
 def get_eval_results(wildcards):
+    """Every (dataset, checkpoint) result of the run: the cross-dataset table's inputs."""
     return [
-        f"results/runs/{wildcards.run}/eval/checkpoint-{s}.json"
+        f"results/runs/{wildcards.run}/eval/{dataset}/checkpoint-{s}.json"
+        for dataset in eval_datasets(wildcards.run)
         for s in run_checkpoints(wildcards.run)
     ]
 

@@ -6,14 +6,14 @@ localrules:
 rule evaluate_checkpoint:
     input:
         checkpoint=get_checkpoint_input,
-        problems=get_eval_problems,
+        problems="resources/datasets/{dataset}.parquet",
         model=get_run_model_dir,
     output:
-        "results/runs/{run}/eval/checkpoint-{step}.json",
+        "results/runs/{run}/eval/{dataset}/checkpoint-{step}.json",
     log:
-        "logs/evaluate_checkpoint/{run}.{step}.log",
+        "logs/evaluate_checkpoint/{run}.{dataset}.{step}.log",
     benchmark:
-        "benchmarks/evaluate_checkpoint/{run}.{step}.tsv"
+        "benchmarks/evaluate_checkpoint/{run}.{dataset}.{step}.tsv"
     conda:
         "../../envs/entroflow.yaml"
     threads: 2
@@ -25,7 +25,7 @@ rule evaluate_checkpoint:
         checkpoint=get_checkpoint,
         eval=get_eval_settings,
         model=get_run_model_settings,
-        progress="results/runs/{run}/eval/checkpoint-{step}.progress.jsonl",
+        progress="results/runs/{run}/eval/{dataset}/checkpoint-{step}.progress.jsonl",
     script:
         "../../scripts/evaluate_checkpoint.py"
 
@@ -38,7 +38,10 @@ rule summarize_evaluation:
             "results/runs/{run}/eval/table.csv",
             caption="../report/evaluation.rst",
             category="Training",
-            labels={"run": "{run}", "figure": "pass@k per checkpoint (table)"},
+            labels={
+                "run": "{run}",
+                "figure": "pass@k per checkpoint and dataset (table)",
+            },
         ),
         markdown="results/runs/{run}/eval/table.md",
     log:
@@ -47,5 +50,7 @@ rule summarize_evaluation:
         "../../envs/entroflow.yaml"
     params:
         library=library("summarize_evaluation"),
+        datasets=get_eval_datasets,
+        steps=get_eval_steps,
     script:
         "../../scripts/summarize_evaluation.py"

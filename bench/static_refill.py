@@ -195,7 +195,9 @@ def main() -> None:
                 model, run, args.prompt_len, args.rows, args.bandwidth
             )
         run["speedup_vs_retire"] = runs["retire"]["seconds"] / run["seconds"]
-        extra = f", row utilisation {run['row_utilisation']:.2f}" if "row_utilisation" in run else ""
+        extra = (
+            f", row utilisation {run['row_utilisation']:.2f}" if "row_utilisation" in run else ""
+        )
         print(f"  {name}: {run['seconds']:.2f} s, {run['tokens_per_s']:.0f} tok/s{extra}, "
               f"{run['speedup_vs_retire']:.2f}x retire")  # fmt: skip
     for run in runs.values():

@@ -153,12 +153,16 @@ def stream_gradients(
             sketch[idx] = factored.from_gradients(grads).double().cpu().numpy()
         elif settings.sketch_dim:
             for start in range(0, total, settings.block):
-                sketch[idx] += jl_sketch(
-                    rows[:, start : start + settings.block],
-                    settings.sketch_dim,
-                    settings.seed,
-                    start,
-                ).cpu().numpy()
+                sketch[idx] += (
+                    jl_sketch(
+                        rows[:, start : start + settings.block],
+                        settings.sketch_dim,
+                        settings.seed,
+                        start,
+                    )
+                    .cpu()
+                    .numpy()
+                )
     return sketch, norms
 
 

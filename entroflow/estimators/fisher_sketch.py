@@ -231,10 +231,10 @@ class FactoredSketch:
             yield batch, torch.cat(parts, dim=1)
 
     def sketch_all(self, model, prompts, responses, **kw) -> torch.Tensor:
-        """(N, dim) sketches of all sequences, in order."""
+        """(N, dim) sketches of all sequences, in order, on the CPU."""
         out = torch.zeros(len(prompts), self.dim, dtype=self.dtype)
         for idx, rows in self.sequences(model, prompts, responses, **kw):
-            out[idx] = rows
+            out[idx] = rows.cpu()
         return out
 
 

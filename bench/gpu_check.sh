@@ -126,17 +126,20 @@ else
     --json "$DEST/static_refill_tiny_cpu.json"
 fi
 
-# c. The ΔH and Fisher stages' work at 1.5B; 2 η points (4 shifted forwards) instead of the
-# config's 6: each point is one shifted forward per sign, so the per-point cost is what is
-# measured, and the saved minute goes to the other parts. The JSON is rewritten after each part.
+# c. The ΔH and Fisher stages' work at 1.5B, E-batch 512 x 1,024. To fit ~4 min (a plain forward
+# over the E-batch is estimated at ~10-15 s: float64 head accumulation, LoRA adapters in fp32
+# without TF32, as the stage runs): 2 η points (4 shifted forwards) instead of the config's 6,
+# since each point is one shifted forward per sign and the per-point cost is what is measured;
+# the JVPs on the first 256 sequences and the Fisher parts on the first 128 (ratios against the
+# same sequences' plain passes). The JSON is rewritten after each part.
 if [ "$MODE" = cuda ]; then
   step delta_h_fisher 240 120 gpu_delta_h_fisher.json "$PY" bench/gpu_delta_h_fisher.py \
-    --shape 1.5B --sequences 512 --tokens 1024 --rank 64 --eta-points 2 \
-    --json "$DEST/gpu_delta_h_fisher.json"
+    --shape 1.5B --sequences 512 --tokens 1024 --rank 64 --eta-points 2 --jvp-sequences 256 \
+    --fisher-sequences 128 --json "$DEST/gpu_delta_h_fisher.json"
 else
   step delta_h_fisher 180 30 delta_h_fisher_tiny_cpu.json "$PY" bench/gpu_delta_h_fisher.py \
-    --shape tiny --sequences 16 --tokens 64 --eta-points 2 \
-    --json "$DEST/delta_h_fisher_tiny_cpu.json"
+    --shape tiny --sequences 16 --tokens 64 --eta-points 2 --jvp-sequences 8 \
+    --fisher-sequences 8 --json "$DEST/delta_h_fisher_tiny_cpu.json"
 fi
 
 # d. Variable-length generation, retiring vs whole batch (0.5B, 128 prompts), if time is left.

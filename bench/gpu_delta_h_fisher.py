@@ -23,8 +23,11 @@ what the stage would compute. Every pass calls the library function the stage ca
                over the E-batch
   store        `fisher_run.stream_gradients` on the first --store-sequences sequences (float32
                √P ⊙ ∇S rows to HDF5, as the stage writes them) and a plain write of the same
-               bytes, then the sketch rows of the whole E-batch; each timed to after fsync
-Times are one run after a warm-up on a few sequences, the device synchronised (--repeat for
+               bytes, then the sketch rows of the sketched sequences; each timed to after fsync
+--jvp-sequences and --fisher-sequences take the first n sequences for those parts (shorter runs:
+the JVPs' forward-equivalents are then against the forward's share of those n sequences, all
+sequences having one length; per-sequence gradients and the sketch against the plain
+forward+backward of the same n). Times are one run after a warm-up on a few sequences, the device synchronised (--repeat for
 more). Prints progress and rewrites the JSON after each part, so a run cut short keeps what it
 measured ("complete": false). Writes --json, by default bench/results/gpu_delta_h_fisher.json on
 CUDA and bench/results/delta_h_fisher_<shape>_cpu.json on CPU. The stores go to a temporary
@@ -197,6 +200,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--eta-points", type=int, default=len(DeltaHSettings().eta_scale))
     parser.add_argument("--u-sequences", type=int, default=4)
+    parser.add_argument(
+        "--jvp-sequences", type=int, default=0, help="the first n for the JVPs (0: all)"
+    )
+    parser.add_argument(
+        "--fisher-sequences", type=int, default=0, help="the first n for the Fisher parts (0: all)"
+    )
     parser.add_argument("--store-sequences", type=int, default=16)
     parser.add_argument("--accum-dtype", choices=list(ACCUM), default=DeltaHSettings().accum_dtype)
     parser.add_argument("--warmup-sequences", type=int, default=4)
@@ -273,9 +282,11 @@ def main() -> None:
 
     score_all = scorer(prompts, responses)
 
+    last = {}
+
     def forward():
         with torch.no_grad():
-            return score_all()
+            last["scores"] = score_all()
 
     t_fwd = None
     with b.part("forward"):
@@ -288,7 +299,7 @@ def main() -> None:
 
     etas = np.asarray(DeltaHSettings().eta_scale[: args.eta_points]) * step.lr
     with b.part("sweep"):
-        s_old = functional_values(forward(), "rb")[1]
+        s_old = functional_values(last.pop("scores"), "rb")[1]
 
         def sweep():
             with torch.no_grad():
@@ -314,23 +325,27 @@ def main() -> None:
             f"{show(ratio(t_sweep, t_fwd))} forwards"
         )
 
+    n_jvp = min(args.jvp_sequences or args.sequences, args.sequences)
     with b.part("jvp"):
         clock: dict[str, list[float]] = {}
         tangents_along({}, scorer(prompts[:w], responses[:w]), model, step)  # warm-up
         b.start_peak()
         b.sync()
-        total, _ = tangents_along(clock, score_all, model, step)
+        total, _ = tangents_along(clock, scorer(prompts[:n_jvp], responses[:n_jvp]), model, step)
         b.sync()
         assert all(np.isfinite(d).all() for d in total.d_entropy)
         t_jvp = float(np.mean(clock["jvp"]))
+        # against the forward over the same sequences (equal lengths: the forward's share)
+        t_fwd_jvp = t_fwd and t_fwd * n_jvp / args.sequences
         b.save(
+            jvp_sequences=n_jvp,
             seconds_jvp_each=clock["jvp"],
-            jvp_forward_equivalents=ratio(t_jvp, t_fwd),
-            tangent_pass_forward_equivalents=ratio(sum(clock["jvp"]), t_fwd),
+            jvp_forward_equivalents=ratio(t_jvp, t_fwd_jvp),
+            tangent_pass_forward_equivalents=ratio(sum(clock["jvp"]), t_fwd_jvp),
         )
         b.log(
             f"δH₁ tangents (2 JVPs: v, gradient part): {sum(clock['jvp']):.2f} s = "
-            f"{show(ratio(t_jvp, t_fwd))} forwards each"
+            f"{show(ratio(t_jvp, t_fwd_jvp))} forwards each ({n_jvp} sequences)"
         )
         del total
 
@@ -338,7 +353,11 @@ def main() -> None:
     budget = fisher.max_tokens_per_batch
     lora = [params[n] for n in names]
 
-    def plain(p=prompts, r=responses):
+    n_fisher = min(args.fisher_sequences or args.sequences, args.sequences)
+    f_prompts, f_responses = prompts[:n_fisher], responses[:n_fisher]
+    b.save(fisher_sequences=n_fisher)
+
+    def plain(p=f_prompts, r=f_responses):
         for batch in pair_batches(p, r, budget):
             _, logprob = batch_scores(
                 model,
@@ -349,7 +368,7 @@ def main() -> None:
             )
             torch.autograd.grad(logprob.sum(), lora)
 
-    def per_sequence(p=prompts, r=responses):
+    def per_sequence(p=f_prompts, r=f_responses):
         for _idx, grads in sequence_gradients(
             model, p, r, names, pad_token_id=pad, temperature=1.0, max_tokens_per_batch=budget
         ):
@@ -369,11 +388,11 @@ def main() -> None:
         t_ps = b.seconds(per_sequence, args.repeat)
         b.save(
             seconds_per_sequence_gradients=t_ps,
-            per_sequence_gradients_per_second=args.sequences / t_ps,
+            per_sequence_gradients_per_second=n_fisher / t_ps,
             per_sequence_over_plain_throughput=ratio(t_plain, t_ps),
         )
         b.log(
-            f"per-sequence gradients: {t_ps:.2f} s = {args.sequences / t_ps:.1f} seq/s, "
+            f"per-sequence gradients: {t_ps:.2f} s = {n_fisher / t_ps:.1f} seq/s, "
             f"throughput {show(ratio(t_plain, t_ps))} of the plain pass's"
         )
 
@@ -385,7 +404,7 @@ def main() -> None:
 
     def sketch_all():
         nonlocal rows
-        rows = sketch.sketch_all(model, prompts, responses, **kw)
+        rows = sketch.sketch_all(model, f_prompts, f_responses, **kw)
 
     with b.part("sketch"):
         sketch.sketch_all(model, prompts[:w], responses[:w], **kw)
@@ -393,14 +412,12 @@ def main() -> None:
         t_sk = b.seconds(sketch_all, args.repeat)
         b.save(
             seconds_sketch=t_sk,
-            sketch_sequences_per_second=args.sequences / t_sk,
+            sketch_sequences_per_second=n_fisher / t_sk,
             sketch_over_plain_cost=ratio(t_sk, t_plain),
             sketch_dim=sketch.dim,
             sketch_side=fisher.sketch_side,
         )
-        b.log(
-            f"factored sketch (dim {sketch.dim}): {t_sk:.2f} s = {args.sequences / t_sk:.1f} seq/s"
-        )
+        b.log(f"factored sketch (dim {sketch.dim}): {t_sk:.2f} s = {n_fisher / t_sk:.1f} seq/s")
 
     # ---- the stores on disk ------------------------------------------------------------------
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_delta_h_fisher_"))

@@ -27,8 +27,10 @@ what the stage would compute. Every pass calls the library function the stage ca
 --jvp-sequences and --fisher-sequences take the first n sequences for those parts (shorter runs:
 the JVPs' forward-equivalents are then against the forward's share of those n sequences, all
 sequences having one length; per-sequence gradients and the sketch against the plain
-forward+backward of the same n). Times are one run after a warm-up on a few sequences, the device synchronised (--repeat for
-more). Prints progress and rewrites the JSON after each part, so a run cut short keeps what it
+forward+backward of the same n). Times are one run after a warm-up on --warmup-sequences (one
+full batch), the device synchronised (--repeat for more); peak memory per part is
+torch.cuda.max_memory_allocated, weights included. Prints progress and rewrites the JSON after
+each part, so a run cut short keeps what it
 measured ("complete": false). Writes --json, by default bench/results/gpu_delta_h_fisher.json on
 CUDA and bench/results/delta_h_fisher_<shape>_cpu.json on CPU. The stores go to a temporary
 folder (--work-dir), deleted at the end.
@@ -208,7 +210,9 @@ def main() -> None:
     )
     parser.add_argument("--store-sequences", type=int, default=16)
     parser.add_argument("--accum-dtype", choices=list(ACCUM), default=DeltaHSettings().accum_dtype)
-    parser.add_argument("--warmup-sequences", type=int, default=4)
+    parser.add_argument(
+        "--warmup-sequences", type=int, default=8, help="8 x 1,024 tokens: one whole ΔH batch"
+    )
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--work-dir", default=None, help="stores go here (default: a tmp)")
     parser.add_argument("--json", default=None)

@@ -125,6 +125,7 @@ def stream_gradients(
     sizes = [int(np.prod(sqrt_p[n].shape)) for n in names]
     total = sum(sizes)
     dtype = np.float16 if settings.gradient_dtype == "float16" else np.float32
+    stored = torch.float16 if settings.gradient_dtype == "float16" else torch.float32
     ds = store.create_dataset(
         key,
         shape=(len(prompts), total),
@@ -142,21 +143,26 @@ def stream_gradients(
         temperature=temperature,
         max_tokens_per_batch=settings.max_tokens_per_batch,
     ):
-        rows = flatten_blocks(grads, names, sqrt_p)  # (b, D) float64
+        rows = flatten_blocks(grads, names, sqrt_p)  # (b, D) float64, on the model's device
         order = np.argsort(idx)
         idx_sorted = np.asarray(idx)[order]
-        ds[idx_sorted.tolist()] = rows[order].numpy().astype(dtype)  # h5py needs increasing indices
-        norms[idx] = rows.norm(dim=1).numpy()
+        host = rows[torch.as_tensor(order, device=rows.device)].to(stored).cpu().numpy()
+        ds[idx_sorted.tolist()] = host  # h5py needs increasing indices
+        norms[idx] = rows.norm(dim=1).cpu().numpy()
         if factored is not None:
-            sketch[idx] = factored.from_gradients(grads).double().numpy()
+            sketch[idx] = factored.from_gradients(grads).double().cpu().numpy()
         elif settings.sketch_dim:
             for start in range(0, total, settings.block):
-                sketch[idx] += jl_sketch(
-                    rows[:, start : start + settings.block],
-                    settings.sketch_dim,
-                    settings.seed,
-                    start,
-                ).numpy()
+                sketch[idx] += (
+                    jl_sketch(
+                        rows[:, start : start + settings.block],
+                        settings.sketch_dim,
+                        settings.seed,
+                        start,
+                    )
+                    .cpu()
+                    .numpy()
+                )
     return sketch, norms
 
 

@@ -183,11 +183,17 @@ def standard_run(stage_inputs, tmp_path_factory):
     ],
 )
 def test_detailed_logging_writes_the_documented_files_and_keeps_the_numbers(
-    stage_inputs, standard_run, tmp_path, keys, groups
+    stage_inputs, standard_run, tmp_path, caplog, keys, groups
 ):
     standard, (standard_delta_h, standard_fisher) = standard_run
     assert names(standard_delta_h) == names(standard_fisher) == set()  # standard: nothing
-    delta_h_logs, fisher_logs = run_stages(stage_inputs, tmp_path, **keys)
+    with caplog.at_level(logging.INFO):
+        delta_h_logs, fisher_logs = run_stages(stage_inputs, tmp_path, **keys)
+    stage_lines = [r for r in caplog.records if r.name.startswith("entroflow.checkpoint")]
+    if keys["level"] == "minimal":  # the rule log keeps warnings only
+        assert all(r.levelno >= logging.WARNING for r in stage_lines)
+    else:
+        assert any(r.levelno == logging.INFO for r in stage_lines)
     assert names(delta_h_logs) == expected(DELTA_H_FILES, groups)
     assert names(fisher_logs) == expected(FISHER_FILES, groups)
     same_file(standard / "delta_h.h5", tmp_path / "delta_h.h5")

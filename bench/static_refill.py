@@ -26,6 +26,7 @@ import math
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -216,7 +217,8 @@ def main() -> None:
         "runs": runs,
         "speedup_refill_vs_retire": runs["refill"]["speedup_vs_retire"],
     }
-    print("wrote", write_result(args.json or f"bench/results/{name}.json", result))
+    default = Path(__file__).with_name("results") / f"{name}.json"  # from any working directory
+    print("wrote", write_result(args.json or default, result))
 
 
 if __name__ == "__main__":

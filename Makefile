@@ -76,6 +76,7 @@ bench: venv
 	$(BIN)/python bench/fisher_sketch.py
 	$(BIN)/python bench/viewer_load.py
 	$(BIN)/python bench/cpu_scoring_memory.py
+	$(BIN)/python bench/static_refill.py --hf-continuous
 
 bench-gpu:  # on a CUDA machine with torch + triton (random-weight Qwen2.5 shapes; ~20 min on an H100)
 	PYTHONPATH=$(CURDIR) python bench/gpu_scoring.py

@@ -193,9 +193,9 @@ def train_rank(
         PrinterCallback
     )  # raw metric dicts on stdout; StepLog logs a readable line
     trainer.add_callback(StepLog(settings.steps))
+    step = int(checkpoint.name.split("-")[1]) if checkpoint is not None else 0
     if checkpoint is not None:
-        step = int(checkpoint.name.split("-")[1])
         log.info("resuming from %s", checkpoint)
-        if monitor.writer is not None:
-            monitor.writer.truncate_after(step)
+    if monitor.writer is not None:  # the trace up to the checkpoint (a fresh start: none)
+        monitor.writer.truncate_after(step)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

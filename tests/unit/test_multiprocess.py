@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from entroflow.config import ConfigError, validate_config
 from entroflow.data.datasets import load_problems
 from entroflow.errors import EntroflowError
 from entroflow.lm.checkpoints import load_adam_state
@@ -80,3 +81,9 @@ def test_multiprocess_command_and_deepspeed_config(tmp_path):
     assert cmd[cmd.index("--deepspeed_config_file") + 1] == str(ds)
     with pytest.raises(EntroflowError, match="deepspeed_config: file not found"):
         check_deepspeed_config(str(tmp_path / "missing.json"))
+    run = {"model": "demo", "dataset": "a", "processes": 2, "deepspeed_config": "missing.json"}
+    cfg = {"datasets": {"a": {"preset": "arithmetic"}}, "models": {"demo": {"source": "demo"}}}
+    with pytest.raises(ConfigError, match=r"^config: runs.r.deepspeed_config: file not found"):
+        validate_config({**cfg, "runs": {"r": run}})
+    run["deepspeed_config"] = str(ds)
+    assert validate_config({**cfg, "runs": {"r": run}})["runs"]["r"]["processes"] == 2

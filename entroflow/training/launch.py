@@ -172,7 +172,8 @@ def launch_processes(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
         for line in proc.stdout:
-            rank_log.info("%s", line.rstrip())
+            if line.strip():
+                rank_log.info("%s", line.rstrip())
     if proc.returncode != 0:
         raise EntroflowError(
             f"processes: training on {settings.processes} processes failed (exit code "

@@ -181,6 +181,11 @@ def train_rank(
         settings, model, tokenizer, dataset, str(output), reward_funcs=reward_funcs
     )
     main = trainer.accelerator.is_main_process
+    if trainer.accelerator.num_processes > 1:
+        state = trainer.accelerator.state
+        log.info(
+            "%d processes (%s, %s)", state.num_processes, state.distributed_type, state.backend
+        )
     monitor = EntropyMonitor.attach(
         trainer,
         trace_dir=str(output / "trace") if main else None,  # one writer: the main process

@@ -1,6 +1,7 @@
 """Training on two CPU processes (accelerate launch, DDP over gloo): one writer, resume."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -12,8 +13,10 @@ from entroflow.data.datasets import load_problems
 from entroflow.errors import EntroflowError
 from entroflow.lm.checkpoints import load_adam_state
 from entroflow.training.launch import accelerate_command, check_deepspeed_config
+from entroflow.training.maxent import MaxEntController
 from entroflow.training.run import train_policy
 from entroflow.training.settings import RunSettings
+from entroflow.training.trainer import MAXENT_STATE_FILE
 from tests.conftest import make_tiny_model
 
 SETTINGS = dict(
@@ -24,6 +27,7 @@ SETTINGS = dict(
     max_new_tokens=12,
     learning_rate=5e-3,
     processes=2,
+    algorithm="maxent_grpo",  # also its controller, stepped alike on both processes
 )
 
 
@@ -37,7 +41,8 @@ def manifest_steps(run):
     return [json.loads(x)["step"] for x in (run / "trace/manifest.jsonl").read_text().splitlines()]
 
 
-def test_multiprocess_training_writes_once_and_resumes(tmp_path, tiny_tokenizer):
+def test_multiprocess_training_writes_once_and_resumes(tmp_path, tiny_tokenizer, caplog):
+    caplog.set_level(logging.INFO)
     model_dir = tmp_path / "model"
     make_tiny_model(tiny_tokenizer, seed=11).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
@@ -57,6 +62,8 @@ def test_multiprocess_training_writes_once_and_resumes(tmp_path, tiny_tokenizer)
     state = load_adam_state(run / "checkpoint-4")
     assert state and all(s["step"] == 4 for s in state.values())
     final = load_file(run / "checkpoint-4/adapter_model.safetensors")
+    controller = json.loads((run / "checkpoint-4" / MAXENT_STATE_FILE).read_text())
+    assert controller["tau"] != MaxEntController().tau  # it moved
     # A kill during step 4: its checkpoint never finished and the manifest has a cut line. The
     # rerun resumes from checkpoint-2 on two processes and re-makes the same checkpoint-4.
     shutil.rmtree(run / "checkpoint-4")
@@ -68,6 +75,9 @@ def test_multiprocess_training_writes_once_and_resumes(tmp_path, tiny_tokenizer)
     assert set(again) == set(final)
     for name in final:
         torch.testing.assert_close(again[name], final[name], atol=1e-5, rtol=1e-4)
+    resumed = json.loads((run / "checkpoint-4" / MAXENT_STATE_FILE).read_text())
+    assert resumed["tau"] == pytest.approx(controller["tau"])
+    assert "2 processes (DistributedType.MULTI_CPU, gloo)" in caplog.text  # ranks' lines, here
 
 
 def test_multiprocess_command_and_deepspeed_config(tmp_path):

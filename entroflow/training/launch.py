@@ -46,6 +46,16 @@ def check_deepspeed_config(path: str | None) -> None:
         return
     if not Path(path).expanduser().is_file():
         raise EntroflowError(f"deepspeed_config: file not found: {path}")
+    try:
+        stage = json.loads(Path(path).expanduser().read_text()).get("zero_optimization", {})
+        stage = stage.get("stage") if isinstance(stage, dict) else None
+    except (ValueError, AttributeError) as err:
+        raise EntroflowError(f"deepspeed_config: {path}: not a JSON object: {err}") from None
+    if stage == 3:
+        raise EntroflowError(
+            f"deepspeed_config: {path}: ZeRO stage 3 is not supported (the trace and the step "
+            "probe run forward passes on the main process alone); use stage 1 or 2"
+        )
     if importlib.util.find_spec("deepspeed") is None:
         raise EntroflowError(
             "deepspeed_config: needs the deepspeed package (pip install deepspeed)"

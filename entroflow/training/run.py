@@ -131,8 +131,8 @@ def train_policy(
     Resumes from the last complete checkpoint only when it was made from the same settings,
     model, problems and `code` (the rule's code fingerprint); otherwise trains from scratch.
     With `settings.processes` > 1 (or a `deepspeed_config`) the training runs on that many ranks
-    under accelerate launch (training.launch, with
-    `threads` CPU threads shared among them); this process decides and clears, they train.
+    under accelerate launch (training.launch; `threads` CPU threads shared among them): this
+    process decides whether to resume and clears a stale run, they train, it writes the summary.
     """
     check_trackers(settings.report_to)  # before anything is removed or loaded
     output = Path(output_dir)

@@ -91,6 +91,9 @@ def test_multiprocess_command_and_deepspeed_config(tmp_path):
     assert cmd[cmd.index("--deepspeed_config_file") + 1] == str(ds)
     with pytest.raises(EntroflowError, match="deepspeed_config: file not found"):
         check_deepspeed_config(str(tmp_path / "missing.json"))
+    ds.write_text('{"zero_optimization": {"stage": 3}}')
+    with pytest.raises(EntroflowError, match="deepspeed_config: .* ZeRO stage 3 is not supported"):
+        check_deepspeed_config(str(ds))
     run = {"model": "demo", "dataset": "a", "processes": 2, "deepspeed_config": "missing.json"}
     cfg = {"datasets": {"a": {"preset": "arithmetic"}}, "models": {"demo": {"source": "demo"}}}
     with pytest.raises(ConfigError, match=r"^config: runs.r.deepspeed_config: file not found"):

@@ -8,7 +8,8 @@ localrules:
 # rerun, and a rerun resumes from the last checkpoint, adding to the same event folder (a fresh
 # start clears both). report_to is read from the config, not a param: trackers trigger no rerun.
 # With processes: N > 1 the script runs `accelerate launch --num_processes N` (training.launch),
-# one process per GPU, all on one node (Slurm: --gpus=N --nodes=1).
+# one process per GPU, all on one node (Slurm: --gpus=N --nodes=1), on launch/job.json (no output
+# either: it is rewritten each time).
 rule train_policy:
     input:
         problems=get_run_problems,

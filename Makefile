@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 EXTRAS := dev,workflow,train,viewer,smollm2
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv lock demo test test-latest test-slow lint format bench bench-gpu dry-run clean
+.PHONY: venv lock demo test test-latest test-slow lint format bench bench-gpu gpu-check dry-run clean
 
 # A fresh environment with the given constraints: $(call new_venv,folder,constraints file)
 define new_venv
@@ -83,6 +83,13 @@ bench-gpu:  # on a CUDA machine with torch + triton (random-weight Qwen2.5 shape
 	PYTHONPATH=$(CURDIR) python bench/gpu_generation.py --shape 1.5B --variable-prompts 0
 	PYTHONPATH=$(CURDIR) python bench/gpu_generation.py --prompts 0 --variable-prompts 256
 	PYTHONPATH=$(CURDIR) python bench/gpu_decode_steps.py
+
+# The one prepared check for a lent GPU (≤ 9 min in all): CUDA tests, continuous batching at 8B,
+# the ΔH / Fisher stages at 1.5B, then generation if time is left; results under $$OUT or
+# bench/results (docs/benchmarks.md). Without a GPU it says so and stops (GPU_CHECK_ALLOW_CPU=1:
+# a smoke test at tiny shapes).
+gpu-check:
+	bash bench/gpu_check.sh
 
 dry-run: venv
 	$(BIN)/snakemake -n --profile profiles/default

@@ -8,8 +8,11 @@ from collections.abc import Callable
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-# Qwen2.5-0.5B / 1.5B shapes (config.json of the hub models), vocabulary 151,936, tied head.
+# Qwen2.5-0.5B / 1.5B shapes (config.json of the hub models), vocabulary 151,936, tied head;
+# "tiny" (vocabulary 4,096) only so the benchmarks' code can run on a CPU.
 QWEN25_SHAPES = {
+    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
     "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2),
     "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -17,9 +20,11 @@ QWEN25_SHAPES = {
 }  # fmt: skip
 
 
-def random_qwen(shape: str, dtype=torch.bfloat16, seed: int = 0) -> Qwen2ForCausalLM:
+def random_qwen(
+    shape: str, dtype=torch.bfloat16, seed: int = 0, device: str = "cuda"
+) -> Qwen2ForCausalLM:
     """A random-weight Qwen2.5-shaped model on the GPU (sdpa attention), in eval mode."""
-    config = Qwen2Config(
+    kw = dict(
         vocab_size=151_936,
         max_position_embeddings=32_768,
         rope_theta=1_000_000.0,
@@ -27,11 +32,14 @@ def random_qwen(shape: str, dtype=torch.bfloat16, seed: int = 0) -> Qwen2ForCaus
         eos_token_id=151_645,
         pad_token_id=151_643,
         bos_token_id=151_643,
-        **QWEN25_SHAPES[shape],
     )
+    kw.update(QWEN25_SHAPES[shape])
+    if shape == "tiny":
+        kw.update(eos_token_id=1, pad_token_id=0, bos_token_id=0)
+    config = Qwen2Config(**kw)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype)
     return model.eval()
 

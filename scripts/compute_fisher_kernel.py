@@ -5,8 +5,9 @@ from pathlib import Path
 import torch
 
 from entroflow.checkpoint.delta_h_result import DeltaHResult
+from entroflow.checkpoint.detailed_log import log_folder
 from entroflow.checkpoint.fisher_run import fisher_kernel_stage
-from entroflow.checkpoint.settings import FisherSettings, RunShape
+from entroflow.checkpoint.settings import FisherSettings, RunShape, recorded_settings
 from entroflow.lm.checkpoints import load_policy
 from entroflow.lm.models import load_tokenizer
 from entroflow.logs import setup_logging
@@ -26,10 +27,12 @@ try:
         RunShape(**cfg["run"]),
         FisherSettings(**cfg["fisher"]),
         store,
+        log_folder(snakemake.log[0]),  # detailed logs: logs/compute_fisher_kernel/{run}.{step}/
     )
 finally:
     if store.suffix == ".tmp":
         store.unlink(missing_ok=True)  # temporary by default (keep_gradients: true keeps it)
-result.checkpoint, result.step, result.settings = checkpoint, int(snakemake.wildcards.step), cfg
+result.checkpoint, result.step = checkpoint, int(snakemake.wildcards.step)
+result.settings = recorded_settings(cfg)  # the same file at every logging level
 result.write(snakemake.output[0])
 log.info("identity relative error %.2e", result.identity_relative_error)

@@ -3,8 +3,9 @@
 import torch
 
 from entroflow.checkpoint.delta_h_run import estimate_delta_h
+from entroflow.checkpoint.detailed_log import log_folder
 from entroflow.checkpoint.replay import read_maxent_state
-from entroflow.checkpoint.settings import DeltaHSettings, RunShape
+from entroflow.checkpoint.settings import DeltaHSettings, RunShape, recorded_settings
 from entroflow.data.datasets import read_problems
 from entroflow.lm.checkpoints import load_adam_state, load_policy
 from entroflow.lm.models import encode_prompts, load_tokenizer
@@ -24,8 +25,16 @@ prompt_ids = encode_prompts(
 )
 run = RunShape(**cfg["run"], maxent_state=read_maxent_state(checkpoint))
 result = estimate_delta_h(
-    model, tokenizer, problems, prompt_ids, adam_state, run, DeltaHSettings(**cfg["delta_h"])
+    model,
+    tokenizer,
+    problems,
+    prompt_ids,
+    adam_state,
+    run,
+    DeltaHSettings(**cfg["delta_h"]),
+    log_folder(snakemake.log[0]),  # detailed logs: logs/estimate_delta_h/{run}.{step}/
 )
-result.checkpoint, result.step, result.settings = checkpoint, int(snakemake.wildcards.step), cfg
+result.checkpoint, result.step = checkpoint, int(snakemake.wildcards.step)
+result.settings = recorded_settings(cfg)  # the same file at every logging level
 result.write(snakemake.output[0])
 log.info("%s", result.attributes())

@@ -35,6 +35,7 @@ from entroflow.checkpoint.delta_h_result import (
     Interval,
     index_at_lr,
 )
+from entroflow.checkpoint.detailed_log import DeltaHLog, rule_log_level
 from entroflow.checkpoint.e_batch import EBatch, tangents_along, timed
 from entroflow.checkpoint.replay import draw_u_batch, replay_step, sample_batch
 from entroflow.checkpoint.settings import DeltaHSettings, RunShape
@@ -153,6 +154,7 @@ class _Stage:
     run: RunShape
     settings: DeltaHSettings
     clock: dict[str, list[float]] = field(default_factory=dict)
+    details: DeltaHLog = field(default_factory=DeltaHLog)  # detailed logs (off: no folder)
 
     @property
     def accum(self) -> torch.dtype:
@@ -183,6 +185,8 @@ def covariance_predictor_replicates(stage: _Stage, u_batch, v) -> np.ndarray:
     """The covariance predictor (Cui et al. 2025) per token and unit step on the U-batch,
     (1 + bootstrap,) replicates over its groups."""
     u_jvp = score_with_tangent(stage.scorer(u_batch.prompts, u_batch.responses), stage.model, v)
+    if stage.details.active:
+        stage.details.u_scores = u_jvp
     u_groups = np.unique([g.prompt_row for g in u_batch.kept_gens], return_inverse=True)[1]
     settings = stage.settings
     replicates = st.covariance_predictor(
@@ -220,6 +224,7 @@ def eta_sweep(stage: _Stage, first: EBatch, e_rows, v, etas) -> dict[str, np.nda
             for sign, suffix in ((1.0, ""), (-1.0, "_minus")):
                 with shifted(stage.model, v, sign * eta):
                     new = timed(stage.clock, "sweep", score_first)
+                stage.details.sweep_scores(eta, suffix, new)
                 a_new, s_new, _ = functional_values(new, stage.settings.estimator)
                 sweep["log_ratio" + suffix].append(s_new - s_old)
                 sweep["h_new" + suffix].append(a_new)
@@ -241,9 +246,21 @@ def grow_to_target(stage: _Stage, batch: EBatch, sweep, etas, cov_per_unit, step
             est.truth.value[at_lr],
             100 * half,
         )
-        if half <= settings.target_half_width or samples >= settings.e_samples_max:
-            return est, slopes, samples, half
         more = min(2 * samples, settings.e_samples_max) - samples
+        done = half <= settings.target_half_width or samples >= settings.e_samples_max
+        stage.details.growth_round(
+            batch,
+            samples,
+            est,
+            slopes,
+            half,
+            at_lr,
+            ("target reached" if half <= settings.target_half_width else "cap reached")
+            if done
+            else f"grow to {samples + more} per prompt",
+        )
+        if done:
+            return est, slopes, samples, half
         gens = sample_batch(
             stage.model,
             stage.tokenizer,
@@ -359,13 +376,31 @@ def estimate_delta_h(
     adam_state: dict[str, dict],
     run: RunShape,
     settings: DeltaHSettings,
+    log_folder: str | None = None,
 ) -> DeltaHResult:
-    """All of the stage on a PEFT model at the checkpoint."""
+    """All of the stage on a PEFT model at the checkpoint; with `log_folder`, the detailed logs
+    that `settings.logging` asks for go there (checkpoint.detailed_log)."""
+    with rule_log_level(settings.logging):
+        return _estimate_delta_h(
+            model,
+            tokenizer,
+            problems,
+            prompt_ids,
+            adam_state,
+            run,
+            settings,
+            DeltaHLog(log_folder, settings.logging),
+        )
+
+
+def _estimate_delta_h(
+    model, tokenizer, problems, prompt_ids, adam_state, run, settings, details: DeltaHLog
+) -> DeltaHResult:
     t0 = time.perf_counter()
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = settings.tf32
     check_adam_state(model, adam_state)
-    stage = _Stage(model, tokenizer, prompt_ids, run, settings)
+    stage = _Stage(model, tokenizer, prompt_ids, run, settings, details=details)
     model.eval()
     e_rows, e_gens, u_batch = draw_batches(stage, problems)
 
@@ -375,6 +410,8 @@ def estimate_delta_h(
     # Per-token change (Cui et al.); the sequence functional Σ_t H_t sums it over a response.
     cov_per_unit *= 1.0 if stage.per_token else float(first.lengths.mean())
     etas = np.asarray(settings.eta_scale, dtype=np.float64) * step.lr
+    details.eta_at_lr = etas[index_at_lr(etas, step.lr)]
+    details.update(step, adam_gradient_factor(adam_state), cov_per_unit)
     sweep = eta_sweep(stage, batch, e_rows, step.direction, etas)
     est, slopes, samples, half = grow_to_target(
         stage, batch, sweep, etas, cov_per_unit, step, e_rows
@@ -382,7 +419,7 @@ def estimate_delta_h(
     at_lr = index_at_lr(etas, step.lr)
     log_estimates(est, slopes, len(e_gens))
     fit_slope, r2 = fit_loglog(etas, est.truth.value)
-    return DeltaHResult(
+    result = DeltaHResult(
         estimates=est,
         sweep=sweep,
         e_batch=batch.table(problems, prompt_ids, e_rows, tokenizer),
@@ -409,3 +446,8 @@ def estimate_delta_h(
         u_responses=len(u_batch.gens),
         seconds=time.perf_counter() - t0,
     )
+    if details.active:
+        details.result(
+            result, batch, sweep, slopes, cov_per_unit, e_rows, u_batch, problems, tokenizer
+        )
+    return result

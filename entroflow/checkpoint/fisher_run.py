@@ -29,6 +29,7 @@ from entroflow.checkpoint.delta_h_result import (
     fields_from_attributes,
     file_attributes,
 )
+from entroflow.checkpoint.detailed_log import FisherLog, rule_log_level
 from entroflow.checkpoint.settings import FisherSettings, RunShape
 from entroflow.estimators import delta_h_stats as st
 from entroflow.estimators.fisher import (
@@ -125,6 +126,7 @@ def stream_gradients(
     sizes = [int(np.prod(sqrt_p[n].shape)) for n in names]
     total = sum(sizes)
     dtype = np.float16 if settings.gradient_dtype == "float16" else np.float32
+    stored = torch.float16 if settings.gradient_dtype == "float16" else torch.float32
     ds = store.create_dataset(
         key,
         shape=(len(prompts), total),
@@ -142,32 +144,41 @@ def stream_gradients(
         temperature=temperature,
         max_tokens_per_batch=settings.max_tokens_per_batch,
     ):
-        rows = flatten_blocks(grads, names, sqrt_p)  # (b, D) float64
+        rows = flatten_blocks(grads, names, sqrt_p)  # (b, D) float64, on the model's device
         order = np.argsort(idx)
         idx_sorted = np.asarray(idx)[order]
-        ds[idx_sorted.tolist()] = rows[order].numpy().astype(dtype)  # h5py needs increasing indices
-        norms[idx] = rows.norm(dim=1).numpy()
+        host = rows[torch.as_tensor(order, device=rows.device)].to(stored).cpu().numpy()
+        ds[idx_sorted.tolist()] = host  # h5py needs increasing indices
+        norms[idx] = rows.norm(dim=1).cpu().numpy()
         if factored is not None:
-            sketch[idx] = factored.from_gradients(grads).double().numpy()
+            sketch[idx] = factored.from_gradients(grads).double().cpu().numpy()
         elif settings.sketch_dim:
             for start in range(0, total, settings.block):
-                sketch[idx] += jl_sketch(
-                    rows[:, start : start + settings.block],
-                    settings.sketch_dim,
-                    settings.seed,
-                    start,
-                ).numpy()
+                sketch[idx] += (
+                    jl_sketch(
+                        rows[:, start : start + settings.block],
+                        settings.sketch_dim,
+                        settings.seed,
+                        start,
+                    )
+                    .cpu()
+                    .numpy()
+                )
     return sketch, norms
 
 
-def kernel_from_store(store: h5py.File, block: int) -> np.ndarray:
+def kernel_from_store(store: h5py.File, block: int, details: FisherLog | None = None) -> np.ndarray:
+    """K = G_E G_Uᵀ accumulated over column blocks (each block's share to `details`, if given)."""
     e, u = store["e"], store["u"]
     k = np.zeros((e.shape[0], u.shape[0]))
     for start in range(0, e.shape[1], block):
-        k += (
+        part = (
             e[:, start : start + block].astype(np.float64)
             @ u[:, start : start + block].astype(np.float64).T
         )
+        k += part
+        if details is not None:
+            details.kernel_block(start, part)
     return k
 
 
@@ -234,7 +245,9 @@ def factored_sketch(model, sqrt_p, settings) -> FactoredSketch | None:
     )
 
 
-def gradient_kernel(model, seqs: KernelSequences, sqrt_p, settings, pad, temperature, store_path):
+def gradient_kernel(
+    model, seqs: KernelSequences, sqrt_p, settings, pad, temperature, store_path, details=None
+):
     """(K, E sketch, U sketch, parameters, gradient seconds, kernel seconds, E norms, U norms)."""
     t0 = time.perf_counter()
     names = list(sqrt_p)
@@ -249,7 +262,7 @@ def gradient_kernel(model, seqs: KernelSequences, sqrt_p, settings, pad, tempera
             model, seqs.u_prompts, seqs.u_responses, names, sqrt_p, store, "u", **stream
         )
         t_grad = time.perf_counter() - t0
-        kernel = kernel_from_store(store, settings.block)
+        kernel = kernel_from_store(store, settings.block, details)
         n_params = store["e"].shape[1]
     t_kernel = time.perf_counter() - t0 - t_grad
     return kernel, sk_e, sk_u, int(n_params), t_grad, t_kernel, n_e, n_u
@@ -269,22 +282,35 @@ def fisher_kernel_stage(
     run: RunShape,
     settings: FisherSettings,
     store_path: str | os.PathLike,
+    log_folder: str | os.PathLike | None = None,
 ) -> FisherResult:
-    """The kernel of one checkpoint; the gradient store stays at store_path."""
+    """The kernel of one checkpoint; the gradient store stays at store_path. With `log_folder`,
+    the detailed logs that `settings.logging` asks for go there (checkpoint.detailed_log)."""
+    details = FisherLog(log_folder, settings.logging)
+    with rule_log_level(settings.logging):
+        return _fisher_kernel_stage(model, tokenizer, delta_h, run, settings, store_path, details)
+
+
+def _fisher_kernel_stage(model, tokenizer, delta_h, run, settings, store_path, details: FisherLog):
     e_batch, u_batch = delta_h.e_batch, delta_h.u_batch
     seqs = KernelSequences.from_delta_h(delta_h, settings.e_responses)
     sqrt_p = preconditioner_sqrt(model, delta_h)
     reference, s_eval = identity_reference(e_batch, seqs.e_rows)
     kernel, sk_e, sk_u, n_params, t_grad, t_kernel, n_e, n_u = gradient_kernel(
-        model, seqs, sqrt_p, settings, tokenizer.pad_token_id, run.temperature, store_path
+        model,
+        seqs,
+        sqrt_p,
+        settings,
+        tokenizer.pad_token_id,
+        run.temperature,
+        store_path,
+        details if details.tensors else None,
     )
     advantages = u_batch["responses/advantage"][seqs.u_rows].astype(np.float64)
     u_lengths = np.array([len(r) for r in seqs.u_responses], dtype=np.float64)
+    coefficients = loss_coefficients(advantages, u_lengths, run.algorithm, run.max_new_tokens)
     from_kernel, contributions = kernel_delta_h(
-        torch.as_tensor(kernel),
-        s_eval,
-        loss_coefficients(advantages, u_lengths, run.algorithm, run.max_new_tokens),
-        delta_h.adam_gradient_factor,
+        torch.as_tensor(kernel), s_eval, coefficients, delta_h.adam_gradient_factor
     )
     rel_error = abs(from_kernel - reference) / max(abs(reference), 1e-300)
     log.info(
@@ -296,7 +322,7 @@ def fisher_kernel_stage(
     sketch = sk_e @ sk_u.T if settings.sketch_dim else None
     e_pidx = e_batch["responses/prompt_index"][seqs.e_rows]
     u_pidx = u_batch["responses/prompt_index"][seqs.u_rows]
-    return FisherResult(
+    result = FisherResult(
         K=kernel,
         K_sketch=np.zeros_like(kernel) if sketch is None else sketch,
         e_dataset_index=e_batch["prompts/dataset_index"][e_pidx].astype(np.int32),
@@ -322,3 +348,15 @@ def fisher_kernel_stage(
         kernel_seconds=t_kernel,
         sequences_per_second=(len(seqs.e_rows) + len(seqs.u_rows)) / max(t_grad, 1e-9),
     )
+    if details.active:
+        details.result(
+            result,
+            seqs,
+            sqrt_p,
+            (sk_e, sk_u),
+            (n_e, n_u),
+            np.asarray(coefficients, dtype=np.float64),
+            (e_batch, u_batch),
+            tokenizer,
+        )
+    return result

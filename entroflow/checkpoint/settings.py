@@ -14,6 +14,45 @@ from entroflow.config import schema_defaults
 
 _DELTA_H = schema_defaults("runs", "*", "delta_h")
 _FISHER = schema_defaults("runs", "*", "fisher")
+_LOGGING = schema_defaults("runs", "*", "delta_h", "logging")  # the fisher section's are the same
+LOG_LEVELS = ("minimal", "standard", "detailed", "debug")
+
+
+@dataclass
+class LoggingSettings:
+    """runs.<name>.delta_h.logging and .fisher.logging: what a stage writes beside its rule log
+    (checkpoint.detailed_log). A switch left None takes the level's default (on at debug)."""
+
+    level: str = _LOGGING["level"]  # minimal | standard | detailed | debug
+    log_sequences: bool | None = _LOGGING["log_sequences"]
+    log_tokens: bool | None = _LOGGING["log_tokens"]
+    log_raw_tensors: bool | None = _LOGGING["log_raw_tensors"]
+    compress: bool = _LOGGING["compress"]
+    max_files: int = _LOGGING["max_files"]
+
+    def __post_init__(self):
+        if self.level not in LOG_LEVELS:
+            raise ValueError(f"logging.level: {self.level!r} is not one of {', '.join(LOG_LEVELS)}")
+        if self.max_files < 1:
+            raise ValueError(f"logging.max_files: {self.max_files} is less than 1")
+
+    @property
+    def detailed(self) -> bool:
+        """Per-η, per-round and per-sequence records (levels detailed and debug)."""
+        return self.level in ("detailed", "debug")
+
+    def switch(self, name: str) -> bool:
+        """log_sequences / log_tokens / log_raw_tensors: as set, else on at level debug only."""
+        value = getattr(self, name)
+        return self.level == "debug" if value is None else bool(value)
+
+
+def _logging_field():
+    return field(default_factory=LoggingSettings)
+
+
+def _as_logging(value) -> LoggingSettings:
+    return value if isinstance(value, LoggingSettings) else LoggingSettings(**(value or {}))
 
 
 @dataclass
@@ -32,6 +71,10 @@ class DeltaHSettings:
     accum_dtype: str = _DELTA_H["accum_dtype"]
     tf32: bool = _DELTA_H["tf32"]
     seed: int = _DELTA_H["seed"]
+    logging: LoggingSettings = _logging_field()  # changes no number: see recorded_settings
+
+    def __post_init__(self):
+        self.logging = _as_logging(self.logging)
 
 
 @dataclass
@@ -45,7 +88,11 @@ class FisherSettings:
     sketch_side: int = _FISHER["sketch_side"]  # factored: k of each projected layer side
     seed: int = _FISHER["seed"]
     e_responses: int = _FISHER["e_responses"]  # the E-batch's first draws, in order
+    logging: LoggingSettings = _logging_field()  # changes no number: see recorded_settings
     max_tokens_per_batch: int = 4096
+
+    def __post_init__(self):
+        self.logging = _as_logging(self.logging)
 
 
 @dataclass
@@ -74,3 +121,14 @@ def stage_params(run_entry: dict, stage: str) -> dict:
         shape.pop("maxent", None)
     settings_class = {"delta_h": DeltaHSettings, "fisher": FisherSettings}[stage]
     return {"run": shape, stage: _known(settings_class, run_entry[stage])}
+
+
+def recorded_settings(params: dict) -> dict:
+    """The rule params a result file records: without the stages' `logging`, which changes no
+    number, so a stage's file is the same at every logging level."""
+    return {
+        k: {n: v for n, v in section.items() if n != "logging"}
+        if isinstance(section, dict)
+        else section
+        for k, section in params.items()
+    }

@@ -147,7 +147,11 @@ def flatten_blocks(
 ) -> torch.Tensor:
     """(b, Σ|α|) rows of √P ⊙ ∇S, parameters concatenated in `names` order."""
     return torch.cat(
-        [(grads[n] * scale[n].double()).reshape(grads[n].shape[0], -1) for n in names], dim=1
+        [
+            (grads[n] * scale[n].to(grads[n].device, torch.float64)).reshape(grads[n].shape[0], -1)
+            for n in names
+        ],
+        dim=1,
     )
 
 
@@ -172,7 +176,7 @@ def jl_sketch(
     """
     g = torch.Generator().manual_seed(seed + 1_000_003 * start_column)
     proj = torch.randn(rows.shape[1], k, generator=g, dtype=torch.float64) / np.sqrt(k)
-    return rows.double() @ proj
+    return rows.double() @ proj.to(rows.device)  # drawn on the CPU: the same matrix anywhere
 
 
 def kernel_delta_h(

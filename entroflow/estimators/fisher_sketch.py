@@ -131,22 +131,24 @@ class FactoredSketch:
         for name in self.names:
             module = self.targets[name]
             out_f, in_f = module.out_features, module.in_features
+            # drawn on the CPU (the same numbers anywhere), kept beside the layer's weight
+            put = dict(dtype=dtype, device=module.weight.device)
             a = b = full = None
             if preconditioner == "factored":
-                a, b = (t.to(dtype) for t in factor_preconditioner(sqrt_p[name], rank))
+                a, b = (t.to(**put) for t in factor_preconditioner(sqrt_p[name].cpu(), rank))
             elif preconditioner == "exact":
-                full = sqrt_p[name].double()
+                full = sqrt_p[name].double().cpu()
                 if random_signs:
                     full = full * signs(tuple(full.shape), seed, name)
-                full = full.to(dtype)
+                full = full.to(**put)
             proj_out = projection(out_f, k_out, seed, name + ":out")
             proj_in = projection(in_f, k_in, seed, name + ":in")
             self.layers[name] = LayerSketch(
                 name,
                 out_f,
                 in_f,
-                None if proj_out is None else proj_out.to(dtype),
-                None if proj_in is None else proj_in.to(dtype),
+                None if proj_out is None else proj_out.to(**put),
+                None if proj_in is None else proj_in.to(**put),
                 a,
                 b,
                 full,
@@ -229,10 +231,10 @@ class FactoredSketch:
             yield batch, torch.cat(parts, dim=1)
 
     def sketch_all(self, model, prompts, responses, **kw) -> torch.Tensor:
-        """(N, dim) sketches of all sequences, in order."""
+        """(N, dim) sketches of all sequences, in order, on the CPU."""
         out = torch.zeros(len(prompts), self.dim, dtype=self.dtype)
         for idx, rows in self.sequences(model, prompts, responses, **kw):
-            out[idx] = rows
+            out[idx] = rows.cpu()
         return out
 
 

@@ -25,6 +25,7 @@ def test_stage_settings_defaults_are_the_schemas(stage, settings_class):
     fields = {f.name for f in dataclasses.fields(settings_class)}
     assert keys <= fields, keys - fields  # a schema key the stage would not accept
     defaults = dataclasses.asdict(settings_class())
+    schema["logging"] = schema_defaults("runs", "*", stage, "logging")  # a section's own defaults
     assert {k: defaults[k] for k in keys} == {k: schema[k] for k in keys}
 
 

@@ -10,6 +10,8 @@ rule estimate_delta_h:
         model=get_run_model_dir,
     output:
         "results/runs/{run}/delta_h/checkpoint-{step}.h5",
+    # runs.<run>.delta_h.logging also writes detailed logs into logs/estimate_delta_h/{run}.{step}/
+    # (a side artifact beside the log, kept across reruns and rotated by max_files; README).
     log:
         "logs/estimate_delta_h/{run}.{step}.log",
     benchmark:

@@ -10,6 +10,8 @@ rule compute_fisher_kernel:
         model=get_run_model_dir,
     output:
         "results/runs/{run}/fisher/checkpoint-{step}/kernel.h5",
+    # runs.<run>.fisher.logging also writes detailed logs into logs/compute_fisher_kernel/{run}.{step}/
+    # (a side artifact beside the log, kept across reruns and rotated by max_files; README).
     log:
         "logs/compute_fisher_kernel/{run}.{step}.log",
     benchmark:

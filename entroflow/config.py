@@ -203,6 +203,9 @@ def _check_run(config: dict, name: str, run: dict) -> None:
         raise ConfigError(
             f"{where}: steps ({run['steps']}) must be a multiple of save_every ({run['save_every']})"
         )
+    ds = run["deepspeed_config"]
+    if ds is not None and not Path(ds).expanduser().is_file():
+        raise ConfigError(f"{where}.deepspeed_config: file not found: {ds}")
     too_big = [k for k in run["eval"]["k"] if k > run["eval"]["samples_per_prompt"]]
     if too_big:
         raise ConfigError(

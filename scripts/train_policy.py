@@ -28,6 +28,7 @@ summary = train_policy(
     dtype=snakemake.params.model["dtype"],
     system_prompt=snakemake.params.model["system_prompt"],
     code=snakemake.params.library,  # a code change retrains rather than resumes stale checkpoints
+    threads=snakemake.threads,  # shared among the processes when runs.*.processes > 1
 )
 if "reward_mean" in summary:
     log.info("reward %.3f -> %.3f", summary["reward_mean"]["first"], summary["reward_mean"]["last"])

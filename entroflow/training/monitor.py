@@ -145,7 +145,11 @@ class EntropyMonitor(TrainerCallback):
         return monitor
 
     def on_rollout(self, trainer, rollout: Rollout) -> None:
-        """Called by EntroflowGRPOTrainer with each training batch's rollout."""
+        """Called by EntroflowGRPOTrainer with each training batch's rollout. Under several
+        processes only the main one's: the trace and the probe cover its share of the step's
+        rollouts (whole groups), the probe along the step's one (all-reduced) update."""
+        if not trainer.accelerator.is_main_process:
+            return
         self.trainer = trainer
         self.rollout = rollout
 
@@ -330,6 +334,7 @@ class EntropyMonitor(TrainerCallback):
             self.trainer.record_metrics({**self.metrics, **logged_stats(step_stats(tokens))})
         if self.writer is not None and state.global_step % self.write_every == 0:
             extra = {
+                "world_size": args.world_size,  # processes; this file holds the main one's share
                 "reward_mean": float(r.rewards.mean()),
                 "accuracy": float(r.correct.mean()),
                 **r.metrics,  # the trainer's (MaxEnt-GRPO: τ, β, Δτ, Δβ), as in its logs

@@ -5,18 +5,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from entroflow.journal import fingerprint, folder_fingerprint
 from entroflow.lm.models import load_model, load_tokenizer
 from entroflow.training.monitor import EntropyMonitor
-from entroflow.training.traces import PROBE_COVARIANCE, PROBE_PREDICTED, PROBE_REALISED
+from entroflow.training.traces import (
+    PROBE_COVARIANCE,
+    PROBE_PREDICTED,
+    PROBE_REALISED,
+    TraceWriter,
+)
 from entroflow.training.trainer import (
     TENSORBOARD_DIR,
     RunSettings,
@@ -116,12 +123,16 @@ def train_policy(
     resume: bool = True,
     reward_funcs: list | None = None,
     code: str = "",
+    threads: int | None = None,
 ) -> dict:
     """Train, writing checkpoints to output_dir/checkpoint-{step}, the trace to output_dir/trace
     and, with report_to tensorboard, event files to output_dir/tensorboard.
 
     Resumes from the last complete checkpoint only when it was made from the same settings,
     model, problems and `code` (the rule's code fingerprint); otherwise trains from scratch.
+    With `settings.processes` > 1 (or a `deepspeed_config`) the training runs on that many ranks
+    under accelerate launch (training.launch; `threads` CPU threads shared among them): this
+    process decides whether to resume and clears a stale run, they train, it writes the summary.
     """
     check_trackers(settings.report_to)  # before anything is removed or loaded
     output = Path(output_dir)
@@ -135,15 +146,49 @@ def train_policy(
         shutil.rmtree(output / TENSORBOARD_DIR, ignore_errors=True)
     output.mkdir(parents=True, exist_ok=True)
     (output / RESUME_KEY).write_text(json.dumps({"key": key}) + "\n")
+    args = (settings, model_dir, problems, output, dtype, system_prompt, checkpoint is not None)
+    if settings.processes > 1 or settings.deepspeed_config:
+        from entroflow.training.launch import launch_processes
+
+        launch_processes(*args, reward_funcs=reward_funcs, threads=threads)
+    else:
+        train_rank(*args, reward_funcs=reward_funcs)
+    summary = TraceWriter(trace_dir).write_summary(run_metadata(settings, model_dir))
+    (output / "run.json").write_text(json.dumps(run_metadata(settings, model_dir), indent=2) + "\n")
+    return summary
+
+
+def train_rank(
+    settings: RunSettings,
+    model_dir: str,
+    problems: pd.DataFrame,
+    output: Path,
+    dtype: str = "auto",
+    system_prompt: str | None = None,
+    resume: bool = True,
+    reward_funcs: list | None = None,
+) -> None:
+    """The training itself, on this process (one rank of several under training.launch):
+    resumes from the last complete checkpoint in `output` when `resume`. Only the main process
+    writes the trace (the monitor's writer) and, through the Trainer, the checkpoints."""
+    checkpoint = last_checkpoint(output) if resume else None
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=dtype)
+    local_rank = os.environ.get("LOCAL_RANK")  # set by accelerate launch (torchrun)
+    device = f"cuda:{local_rank}" if local_rank and torch.cuda.is_available() else "auto"
+    model = load_model(model_dir, dtype=dtype, device=device)
     dataset = prompts_dataset(problems, system_prompt)
     trainer = build_trainer(
         settings, model, tokenizer, dataset, str(output), reward_funcs=reward_funcs
     )
+    main = trainer.accelerator.is_main_process
+    if trainer.accelerator.num_processes > 1:
+        state = trainer.accelerator.state
+        log.info(
+            "%d processes (%s, %s)", state.num_processes, state.distributed_type, state.backend
+        )
     monitor = EntropyMonitor.attach(
         trainer,
-        trace_dir=str(trace_dir),
+        trace_dir=str(output / "trace") if main else None,  # one writer: the main process
         write_every=settings.trace_every,
         probe=settings.probe,
         probe_every=settings.probe_every,
@@ -153,11 +198,9 @@ def train_policy(
         PrinterCallback
     )  # raw metric dicts on stdout; StepLog logs a readable line
     trainer.add_callback(StepLog(settings.steps))
+    step = int(checkpoint.name.split("-")[1]) if checkpoint is not None else 0
     if checkpoint is not None:
-        step = int(checkpoint.name.split("-")[1])
         log.info("resuming from %s", checkpoint)
+    if monitor.writer is not None:  # the trace up to the checkpoint (a fresh start: none)
         monitor.writer.truncate_after(step)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    summary = monitor.writer.write_summary(run_metadata(settings, model_dir))
-    (output / "run.json").write_text(json.dumps(run_metadata(settings, model_dir), indent=2) + "\n")
-    return summary

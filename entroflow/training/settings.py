@@ -38,4 +38,6 @@ class RunSettings:
     probe_every: int = _RUN["probe_every"]
     probe_sequences: int = _RUN["probe_sequences"]
     maxent: dict = field(default_factory=lambda: dict(_RUN["maxent"]))
+    processes: int = _RUN["processes"]  # > 1: accelerate launch (training.launch)
+    deepspeed_config: str | None = _RUN["deepspeed_config"]
     report_to: list[str] = field(default_factory=lambda: list(_RUN["report_to"]))

@@ -78,7 +78,11 @@ class EntroflowGRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, *args, **kwargs):
         per_func = super()._calculate_rewards(inputs, *args, **kwargs)  # (B, n_funcs), NaN: abstain
-        self._rewards_per_func = per_func.detach().cpu().numpy()
+        # TRL gathers the rewards of all processes; this process's rollout is its own slice
+        # (whole groups: each process's batch is prompts_per_step groups of group_size).
+        rank = self.accelerator.process_index
+        local = per_func[rank * len(inputs) : (rank + 1) * len(inputs)]
+        self._rewards_per_func = local.detach().cpu().numpy()
         return per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -174,6 +178,8 @@ class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
         )
         w = weights_from_logits(z)
         kl = float(np.mean(policy - reference))
+        if self.accelerator.num_processes > 1:  # one controller: every rank steps it alike
+            z, kl = self._gathered(z, kl)
         metrics = {
             "tau": ctrl.tau,  # the τ, β this step's weights were made with
             "beta": ctrl.beta,
@@ -184,6 +190,13 @@ class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
         rollout.metrics.update({f"maxent/{k}": v for k, v in metrics.items()})
         self.record_metrics({f"maxent/{k}": v for k, v in metrics.items()})
         return maxent_advantages(w)
+
+    def _gathered(self, z: np.ndarray, kl: float) -> tuple[np.ndarray, float]:
+        """All processes' weight logits (their groups stacked) and their mean KL."""
+        device = self.accelerator.device
+        z_all = self.accelerator.gather(torch.as_tensor(z, dtype=torch.float64, device=device))
+        kl_all = self.accelerator.gather(torch.tensor([kl], dtype=torch.float64, device=device))
+        return z_all.cpu().numpy(), float(kl_all.mean())
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -227,6 +240,8 @@ def grpo_config(settings: RunSettings, output_dir: str, reward_weights: list[flo
         scale_rewards=algo.scale_rewards,
         reward_weights=reward_weights,
         use_cpu=not torch.cuda.is_available(),
+        # several processes (training.launch): NCCL between GPUs, gloo between CPU processes
+        ddp_backend=None if torch.cuda.is_available() or settings.processes == 1 else "gloo",
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         report_to=list(settings.report_to),
         disable_tqdm=True,

@@ -115,6 +115,34 @@ def test_hmmt_under_slurm_profile_asks_gpus_for_gpu_rules_only(tmp_path, config)
         assert has_gpu == (name in ("generate_responses", "score_entropy")), block
 
 
+def test_multiprocess_run_passes_check_config_and_asks_slurm_for_n_gpus(tmp_path, capsys):
+    """runs.*.processes: 2 -> train_policy asks for 2 GPUs on one node; the
+    script then runs accelerate launch (tests/unit/test_multiprocess.py runs it on CPU)."""
+    from entroflow.cli import main
+
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg["runs"]["demo"]["processes"] = 2
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
+    result = snakemake(
+        "results/runs/demo/run.json",
+        "-n",
+        "--profile",
+        "slurm",
+        "--configfile",
+        str(path),
+        "--directory",
+        str(tmp_path / "work"),
+        "--snakefile",
+        str(ROOT / "workflow/Snakefile"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    block = result.stdout.split("rule train_policy:")[1].split("\n\n")[0]
+    resources = re.search(r"resources: (.*)", block)[1]
+    assert re.search(r"\bgpu=2\b", resources) and re.search(r"\bnodes=1\b", resources), block
+
+
 def small_demo_config(tmp_path: Path) -> Path:
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     cfg["datasets"]["arithmetic"]["n"] = 12

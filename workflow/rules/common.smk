@@ -300,7 +300,23 @@ def get_train_settings(wildcards):
     so does report_to, read by the script from the config: trackers change no result).
     """
     keys = {f.name for f in dataclasses.fields(RunSettings)} - {"report_to"} | {"lora"}
-    return {k: v for k, v in get_run(wildcards).items() if k in keys}
+    run = get_run(wildcards)
+    # processes and deepspeed_config only where set, so one-process runs' params stay as they were
+    launch = {"processes": 1, "deepspeed_config": None}
+    return {
+        k: v
+        for k, v in run.items()
+        if k in keys and not (k in launch and v == launch[k])
+    }
+
+
+def get_train_gpus(wildcards):
+    """One GPU per training process (all on one node: the rule asks Slurm for nodes=1)."""
+    return get_run(wildcards)["processes"]
+
+
+def get_train_threads(wildcards):
+    return 2 * get_run(wildcards)["processes"]
 
 
 def get_run_model_settings(wildcards):

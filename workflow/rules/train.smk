@@ -7,6 +7,9 @@ localrules:
 # (event files) in results/runs/{run}/. Neither is an output: Snakemake would delete them before a
 # rerun, and a rerun resumes from the last checkpoint, adding to the same event folder (a fresh
 # start clears both). report_to is read from the config, not a param: trackers trigger no rerun.
+# With processes: N > 1 the script runs `accelerate launch --num_processes N` (training.launch),
+# one process per GPU, all on one node (Slurm: --gpus=N --nodes=1), on launch/job.json (no output
+# either: it is rewritten each time).
 rule train_policy:
     input:
         problems=get_run_problems,
@@ -20,9 +23,10 @@ rule train_policy:
         "benchmarks/train_policy/{run}.tsv"
     conda:
         "../../envs/entroflow.yaml"
-    threads: 2
+    threads: get_train_threads
     resources:
-        gpu=1,
+        gpu=get_train_gpus,
+        nodes=1,
         runtime=1440,
     params:
         library=library("train_policy"),

@@ -362,8 +362,6 @@ def estimate_delta_h(
 ) -> DeltaHResult:
     """All of the stage on a PEFT model at the checkpoint."""
     t0 = time.perf_counter()
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = settings.tf32
     check_adam_state(model, adam_state)
     stage = _Stage(model, tokenizer, prompt_ids, run, settings)
     model.eval()

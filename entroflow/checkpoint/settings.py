@@ -14,6 +14,8 @@ from entroflow.config import schema_defaults
 
 _DELTA_H = schema_defaults("runs", "*", "delta_h")
 _FISHER = schema_defaults("runs", "*", "fisher")
+_DELTA_H_PRECISION = schema_defaults("runs", "*", "delta_h", "precision")
+_FISHER_PRECISION = schema_defaults("runs", "*", "fisher", "precision")
 
 
 @dataclass
@@ -29,9 +31,13 @@ class DeltaHSettings:
     normalisation: str = _DELTA_H["normalisation"]  # sequence | token
     clip: float | None = _DELTA_H["clip"]
     bootstrap: int = _DELTA_H["bootstrap"]
-    accum_dtype: str = _DELTA_H["accum_dtype"]
-    tf32: bool = _DELTA_H["tf32"]
     seed: int = _DELTA_H["seed"]
+    # dtype, entropy_dtype, tf32, matmul_precision (lm.precision; applied by the stage's script)
+    precision: dict = field(default_factory=lambda: dict(_DELTA_H_PRECISION))
+
+    @property
+    def accum_dtype(self) -> str:  # the older key's name, read by the stage
+        return {**_DELTA_H_PRECISION, **self.precision}["entropy_dtype"]
 
 
 @dataclass
@@ -45,6 +51,7 @@ class FisherSettings:
     sketch_side: int = _FISHER["sketch_side"]  # factored: k of each projected layer side
     seed: int = _FISHER["seed"]
     e_responses: int = _FISHER["e_responses"]  # the E-batch's first draws, in order
+    precision: dict = field(default_factory=lambda: dict(_FISHER_PRECISION))  # lm.precision
     max_tokens_per_batch: int = 4096
 
 

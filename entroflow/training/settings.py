@@ -12,6 +12,7 @@ from entroflow.config import schema_defaults
 
 _RUN = schema_defaults("runs", "*")
 _LORA = schema_defaults("runs", "*", "lora")
+_PRECISION = schema_defaults("runs", "*", "precision")
 
 
 @dataclass
@@ -28,6 +29,8 @@ class RunSettings:
     lora_rank: int = _LORA["rank"]  # runs.{name}.lora.rank
     lora_alpha: float = _LORA["alpha"]
     lora_targets: str | list[str] = _LORA["targets"]
+    lora_quantize: str | None = _LORA["quantize"]  # QLoRA: nf4 | fp4 base (bitsandbytes)
+    lora_double_quant: bool = _LORA["double_quant"]
     max_new_tokens: int = _RUN["max_new_tokens"]
     temperature: float = _RUN["temperature"]
     beta: float = _RUN["beta"]
@@ -39,3 +42,5 @@ class RunSettings:
     probe_sequences: int = _RUN["probe_sequences"]
     maxent: dict = field(default_factory=lambda: dict(_RUN["maxent"]))
     report_to: list[str] = field(default_factory=lambda: list(_RUN["report_to"]))
+    # runs.{name}.precision: dtype, entropy_dtype, tf32, matmul_precision (lm.precision)
+    precision: dict = field(default_factory=lambda: dict(_PRECISION))

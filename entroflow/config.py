@@ -235,6 +235,11 @@ def _check_run(config: dict, name: str, run: dict) -> None:
         check_quantize(run["lora"]["quantize"])
     except ModelError as err:
         raise ConfigError(f"{where}.lora.quantize: {err}") from None
+    if run["lora"]["quantize"] is not None and run["probe"] and run["probe_sequences"] > 0:
+        raise ConfigError(
+            f"{where}.probe_sequences: a sampled probe takes forward-mode tangents, which "
+            "bitsandbytes' 4-bit layers (lora.quantize) do not support; use 0 (all rollouts)"
+        )
     for key, entry in (
         ("precision", run["precision"]),
         ("delta_h.precision", run["delta_h"]["precision"]),

@@ -217,6 +217,23 @@ def dequantize_4bit(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def keep_4bit_differentiable(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on their differentiable CPU path.
+
+    bitsandbytes 0.50.2, on CPUs with AVX512-BF16, repacks a `Linear4bit`'s weights for a bfloat16
+    kernel at its first forward in eval mode without grad (generation, scoring); from then on every
+    forward takes that kernel (`gemv_4bit`), which has no backward: gradients through the frozen
+    base to earlier LoRA layers are silently dropped (torch warns "an autograd kernel was not
+    registered"), and layers with in_features < 64 fail to repack. Turning the repack off keeps
+    the de-quantize + matmul path, in the compute dtype, with its backward (tests/unit/test_qlora.py).
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def runtime_dtype(dtype: str, dev: torch.device) -> torch.dtype | str:
     """The torch dtype of a model entry's `dtype` on `dev` ("auto" is float32 on CPU)."""
     import torch
@@ -267,6 +284,8 @@ def load_model(
         raise ModelError(f"model {path}: damaged weights: {first_line(err)}") from None
     if quantize is not None and dequantize:
         model = dequantize_4bit(model)
+    elif quantize is not None:
+        keep_4bit_differentiable(model)
     if quantize is None or dequantize:
         model.to(dev)
     model.eval()

@@ -14,8 +14,6 @@ from entroflow.config import schema_defaults
 
 _DELTA_H = schema_defaults("runs", "*", "delta_h")
 _FISHER = schema_defaults("runs", "*", "fisher")
-_DELTA_H_PRECISION = schema_defaults("runs", "*", "delta_h", "precision")
-_FISHER_PRECISION = schema_defaults("runs", "*", "fisher", "precision")
 
 
 @dataclass
@@ -33,11 +31,14 @@ class DeltaHSettings:
     bootstrap: int = _DELTA_H["bootstrap"]
     seed: int = _DELTA_H["seed"]
     # dtype, entropy_dtype, tf32, matmul_precision (lm.precision; applied by the stage's script)
-    precision: dict = field(default_factory=lambda: dict(_DELTA_H_PRECISION))
+    precision: dict = field(default_factory=lambda: dict(_DELTA_H["precision"]))
+
+    def __post_init__(self):  # a partial precision entry: the schema's defaults for the rest
+        self.precision = {**_DELTA_H["precision"], **self.precision}
 
     @property
     def accum_dtype(self) -> str:  # the older key's name, read by the stage
-        return {**_DELTA_H_PRECISION, **self.precision}["entropy_dtype"]
+        return self.precision["entropy_dtype"]
 
 
 @dataclass
@@ -51,8 +52,11 @@ class FisherSettings:
     sketch_side: int = _FISHER["sketch_side"]  # factored: k of each projected layer side
     seed: int = _FISHER["seed"]
     e_responses: int = _FISHER["e_responses"]  # the E-batch's first draws, in order
-    precision: dict = field(default_factory=lambda: dict(_FISHER_PRECISION))  # lm.precision
+    precision: dict = field(default_factory=lambda: dict(_FISHER["precision"]))  # lm.precision
     max_tokens_per_batch: int = 4096
+
+    def __post_init__(self):  # a partial precision entry: the schema's defaults for the rest
+        self.precision = {**_FISHER["precision"], **self.precision}
 
 
 @dataclass

@@ -188,7 +188,7 @@ def dequantize_4bit(model: torch.nn.Module) -> torch.nn.Module:
     from bitsandbytes.functional import dequantize_4bit as dequantize
     from bitsandbytes.nn import Linear4bit
 
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, Linear4bit):
                 continue

@@ -12,7 +12,6 @@ from entroflow.config import schema_defaults
 
 _RUN = schema_defaults("runs", "*")
 _LORA = schema_defaults("runs", "*", "lora")
-_PRECISION = schema_defaults("runs", "*", "precision")
 
 
 @dataclass
@@ -43,4 +42,7 @@ class RunSettings:
     maxent: dict = field(default_factory=lambda: dict(_RUN["maxent"]))
     report_to: list[str] = field(default_factory=lambda: list(_RUN["report_to"]))
     # runs.{name}.precision: dtype, entropy_dtype, tf32, matmul_precision (lm.precision)
-    precision: dict = field(default_factory=lambda: dict(_PRECISION))
+    precision: dict = field(default_factory=lambda: dict(_RUN["precision"]))
+
+    def __post_init__(self):  # a partial precision entry: the schema's defaults for the rest
+        self.precision = {**_RUN["precision"], **self.precision}

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from entroflow.checkpoint.settings import DeltaHSettings, FisherSettings
-from entroflow.config import ConfigError, validate_config
+from entroflow.config import ConfigError, schema_defaults, validate_config
 from entroflow.lm.precision import Precision, PrecisionError, apply_precision
 from entroflow.lm.scoring import batch_scores
 from entroflow.training.monitor import EntropyMonitor
@@ -64,10 +64,20 @@ def test_float64_entropy_accumulation_reaches_the_scorer(tiny_model):
     assert monitor.accum_dtype == torch.float64
 
 
+@pytest.mark.parametrize("section", [(), ("delta_h",), ("fisher",)])
+def test_precision_default_is_its_keys_defaults(section):
+    """Each `precision` entry's default spells out its keys' defaults (settings read it whole)."""
+    assert schema_defaults("runs", "*", *section)["precision"] == schema_defaults(
+        "runs", "*", *section, "precision"
+    )
+
+
 def test_stage_settings_carry_precision_and_the_old_key():
     assert DeltaHSettings().accum_dtype == "float64" == DeltaHSettings().precision["entropy_dtype"]
     assert DeltaHSettings(precision={"entropy_dtype": "float32"}).accum_dtype == "float32"
     assert FisherSettings().precision["dtype"] == "float64"
+    partial = FisherSettings(precision={"tf32": True}).precision
+    assert partial == {"dtype": "float64", "tf32": True, "matmul_precision": None}
     p = Precision.of(FisherSettings().precision)
     assert p.load_dtype("auto") == "float32"  # loaded float32, then cast
     assert p.cast(torch.nn.Linear(2, 2)).weight.dtype == torch.float64

@@ -48,7 +48,9 @@ def test_qlora_trains_two_steps_on_a_4bit_base(model_dir, problems, tiny_tokeniz
     quantized = four_bit_layers(trainer.model)
     assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down of both layers; not the head
     base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
-    adapter = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    adapter = {
+        n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad
+    }
     assert adapter and all("lora_" in n for n in adapter)
     trainer.train()
     after = dict(trainer.model.named_parameters())
@@ -65,7 +67,10 @@ def test_qlora_trains_two_steps_on_a_4bit_base(model_dir, problems, tiny_tokeniz
     with torch.no_grad():
         trained, loaded = trainer.model(input_ids=ids).logits, policy(input_ids=ids).logits
         with trainer.model.disable_adapter(), policy.disable_adapter():
-            base_4bit, base_plain = trainer.model(input_ids=ids).logits, policy(input_ids=ids).logits
+            base_4bit, base_plain = (
+                trainer.model(input_ids=ids).logits,
+                policy(input_ids=ids).logits,
+            )
     torch.testing.assert_close(base_plain, base_4bit, rtol=1e-5, atol=1e-5)
     # The adapter as trained (in bfloat16: TRL's QLoRA cast), loaded in float32: the same
     # weights; the logits then differ by the adapter's bfloat16 matmuls only.
@@ -115,7 +120,9 @@ def test_quantize_config_is_accepted_and_checked(monkeypatch):
         validate_config(RUN(lora={"quantize": "nf4"}, probe_sequences=4))
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real(name, *a),
     )
     with pytest.raises(ConfigError) as err:
         validate_config(RUN(lora={"quantize": "nf4"}))

@@ -205,15 +205,15 @@ def dequantize_4bit(model: torch.nn.Module) -> torch.nn.Module:
                 if child.bias is not None:
                     plain.bias.copy_(child.bias)
             setattr(module, child_name, plain)
-    for attr in ("is_loaded_in_4bit", "is_quantized", "quantization_method"):
-        if hasattr(model, attr):
-            try:
-                delattr(model, attr)
-            except AttributeError:
-                setattr(model, attr, False)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    # No longer a quantized model to transformers and PEFT (transformers' own clean-up).
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if hasattr(model, "is_loaded_in_4bit"):
+        del model.is_loaded_in_4bit
+    for module in model.modules():
+        if getattr(getattr(module, "config", None), "_is_quantized", False):
+            module.config._is_quantized = False
     return model
 
 

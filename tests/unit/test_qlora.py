@@ -87,9 +87,10 @@ def test_qlora_trains_two_steps_on_a_4bit_base(model_dir, problems, tiny_tokeniz
 
 @needs_bnb
 def test_train_policy_with_quantize_writes_checkpoints(model_dir, problems, tmp_path):  # noqa: F811
-    settings = RunSettings(**SETTINGS, lora_quantize="fp4", precision={"entropy_dtype": "float64"})
+    one_step = {**SETTINGS, "steps": 1, "save_every": 1, "max_new_tokens": 4}
+    settings = RunSettings(**one_step, lora_quantize="fp4", precision={"entropy_dtype": "float64"})
     summary = train_policy(settings, model_dir, problems, str(tmp_path), reward_funcs=[digit_share])
-    assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "checkpoint-1" / "adapter_model.safetensors").exists()
     assert (tmp_path / "trace").is_dir() and summary
 
 

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS := dev,workflow,train,viewer,smollm2
+EXTRAS := dev,workflow,train,qlora,viewer,smollm2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: venv lock demo test test-latest test-slow lint format bench bench-gpu gpu-check dry-run clean

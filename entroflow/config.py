@@ -15,7 +15,8 @@ import yaml
 
 from entroflow.data.datasets import DatasetError, resolve_entry
 from entroflow.errors import EntroflowError
-from entroflow.lm.models import ModelError, check_model_path, gguf_file
+from entroflow.lm.models import ModelError, check_model_path, check_quantize, gguf_file
+from entroflow.lm.precision import Precision, PrecisionError
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"  # ships in the package
 
@@ -53,6 +54,32 @@ def check_removed_keys(config: dict) -> None:
                 f"config: runs.{name}.maxent.controller.rate: removed with the multiplicative "
                 "controller; use mode (analytic, first_order or static) and meta_lr"
             )
+
+
+# Older keys still read, each as its new place (a stage's `precision` entry).
+ALIASES = {("delta_h", "accum_dtype"): "entropy_dtype", ("delta_h", "tf32"): "tf32"}
+
+
+def read_aliases(config: dict) -> None:
+    """Move each older key (runs.<run>.delta_h.accum_dtype, .tf32) to its place under the
+    stage's `precision`, in place; one ConfigError if both spellings are given and differ."""
+    runs = config.get("runs")
+    for name, run in runs.items() if isinstance(runs, dict) else ():
+        for (stage, old), new in ALIASES.items():
+            entry = run.get(stage) if isinstance(run, dict) else None
+            if not isinstance(entry, dict) or old not in entry:
+                continue
+            precision = entry.setdefault("precision", {})
+            if not isinstance(precision, dict):
+                continue  # the schema names it
+            value = entry.pop(old)
+            if new in precision and precision[new] != value:
+                raise ConfigError(
+                    f"config: runs.{name}.{stage}.{old}: {value!r} contradicts "
+                    f"{stage}.precision.{new} ({precision[new]!r}); {old} is its older name, "
+                    "give one"
+                )
+            precision[new] = value
 
 
 def _with_defaults(validator_class):
@@ -93,6 +120,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     schema = schema or load_schema()
     check_names(config)
     check_removed_keys(config)
+    read_aliases(config)
     errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
@@ -206,6 +234,24 @@ def _check_run(config: dict, name: str, run: dict) -> None:
     ds = run["deepspeed_config"]
     if ds is not None and not Path(ds).expanduser().is_file():
         raise ConfigError(f"{where}.deepspeed_config: file not found: {ds}")
+    try:
+        check_quantize(run["lora"]["quantize"])
+    except ModelError as err:
+        raise ConfigError(f"{where}.lora.quantize: {err}") from None
+    if run["lora"]["quantize"] is not None and run["probe"] and run["probe_sequences"] > 0:
+        raise ConfigError(
+            f"{where}.probe_sequences: a sampled probe takes forward-mode tangents, which "
+            "bitsandbytes' 4-bit layers (lora.quantize) do not support; use 0 (all rollouts)"
+        )
+    for key, entry in (
+        ("precision", run["precision"]),
+        ("delta_h.precision", run["delta_h"]["precision"]),
+        ("fisher.precision", run["fisher"]["precision"]),
+    ):
+        try:
+            Precision.of(entry, f"{where}.{key}")
+        except PrecisionError as err:
+            raise ConfigError(str(err)) from None
     too_big = [k for k in run["eval"]["k"] if k > run["eval"]["samples_per_prompt"]]
     if too_big:
         raise ConfigError(

@@ -10,28 +10,39 @@ from entroflow.checkpoint.fisher_run import fisher_kernel_stage
 from entroflow.checkpoint.settings import FisherSettings, RunShape, recorded_settings
 from entroflow.lm.checkpoints import load_policy
 from entroflow.lm.models import load_tokenizer
+from entroflow.lm.precision import apply_precision
 from entroflow.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 checkpoint, cfg = snakemake.params.checkpoint, snakemake.params.settings
 tokenizer = load_tokenizer(snakemake.input.model)
-model = load_policy(snakemake.input.model, checkpoint, dtype="float32", merge=False).double()
+settings, model_entry = FisherSettings(**cfg["fisher"]), snakemake.params.model
 delta_h = DeltaHResult.read(snakemake.input.delta_h)  # its batches and its replayed update
 store = Path(snakemake.params.gradients)
-try:
-    result = fisher_kernel_stage(
-        model,
-        tokenizer,
-        delta_h,
-        RunShape(**cfg["run"]),
-        FisherSettings(**cfg["fisher"]),
-        store,
-        log_folder(snakemake.log[0]),  # detailed logs: logs/compute_fisher_kernel/{run}.{step}/
+with apply_precision(settings.precision, f"runs.{snakemake.wildcards.run}.fisher.precision") as p:
+    model = load_policy(
+        snakemake.input.model,
+        checkpoint,
+        dtype=p.load_dtype(model_entry["dtype"]),
+        merge=False,
+        quantize=model_entry.get("quantize"),
+        double_quant=model_entry.get("double_quant", True),
     )
-finally:
-    if store.suffix == ".tmp":
-        store.unlink(missing_ok=True)  # temporary by default (keep_gradients: true keeps it)
+    model = p.cast(model)  # float64 by default
+    try:
+        result = fisher_kernel_stage(
+            model,
+            tokenizer,
+            delta_h,
+            RunShape(**cfg["run"]),
+            settings,
+            store,
+            log_folder(snakemake.log[0]),  # detailed logs: logs/compute_fisher_kernel/{run}.{step}/
+        )
+    finally:
+        if store.suffix == ".tmp":
+            store.unlink(missing_ok=True)  # temporary by default (keep_gradients: true keeps it)
 result.checkpoint, result.step = checkpoint, int(snakemake.wildcards.step)
 result.settings = recorded_settings(cfg)  # the same file at every logging level
 result.write(snakemake.output[0])

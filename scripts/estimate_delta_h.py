@@ -9,6 +9,7 @@ from entroflow.checkpoint.settings import DeltaHSettings, RunShape, recorded_set
 from entroflow.data.datasets import read_problems
 from entroflow.lm.checkpoints import load_adam_state, load_policy
 from entroflow.lm.models import encode_prompts, load_tokenizer
+from entroflow.lm.precision import apply_precision
 from entroflow.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])
@@ -16,24 +17,30 @@ torch.set_num_threads(snakemake.threads)
 checkpoint, cfg = snakemake.params.checkpoint, snakemake.params.settings
 adam_state = load_adam_state(checkpoint)  # fails first, naming the folder, if the state is missing
 tokenizer = load_tokenizer(snakemake.input.model)
-model = load_policy(
-    snakemake.input.model, checkpoint, dtype=snakemake.params.model["dtype"], merge=False
-)
-problems = read_problems(snakemake.input.problems)
-prompt_ids = encode_prompts(
-    tokenizer, list(problems["prompt"]), snakemake.params.model["system_prompt"]
-)
-run = RunShape(**cfg["run"], maxent_state=read_maxent_state(checkpoint))
-result = estimate_delta_h(
-    model,
-    tokenizer,
-    problems,
-    prompt_ids,
-    adam_state,
-    run,
-    DeltaHSettings(**cfg["delta_h"]),
-    log_folder(snakemake.log[0]),  # detailed logs: logs/estimate_delta_h/{run}.{step}/
-)
+settings, model_entry = DeltaHSettings(**cfg["delta_h"]), snakemake.params.model
+with apply_precision(settings.precision, f"runs.{snakemake.wildcards.run}.delta_h.precision") as p:
+    model = load_policy(
+        snakemake.input.model,
+        checkpoint,
+        dtype=p.load_dtype(model_entry["dtype"]),
+        merge=False,
+        quantize=model_entry.get("quantize"),
+        double_quant=model_entry.get("double_quant", True),
+    )
+    model = p.cast(model)
+    problems = read_problems(snakemake.input.problems)
+    prompt_ids = encode_prompts(tokenizer, list(problems["prompt"]), model_entry["system_prompt"])
+    run = RunShape(**cfg["run"], maxent_state=read_maxent_state(checkpoint))
+    result = estimate_delta_h(
+        model,
+        tokenizer,
+        problems,
+        prompt_ids,
+        adam_state,
+        run,
+        settings,
+        log_folder(snakemake.log[0]),  # detailed logs: logs/estimate_delta_h/{run}.{step}/
+    )
 result.checkpoint, result.step = checkpoint, int(snakemake.wildcards.step)
 result.settings = recorded_settings(cfg)  # the same file at every logging level
 result.write(snakemake.output[0])

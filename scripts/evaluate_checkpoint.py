@@ -17,7 +17,13 @@ ev, checkpoint = snakemake.params.eval, snakemake.params.checkpoint
 dataset = snakemake.wildcards.dataset
 problems = read_problems(snakemake.input.problems)
 tokenizer = load_tokenizer(snakemake.input.model)
-model = load_policy(snakemake.input.model, checkpoint, dtype=snakemake.params.model["dtype"])
+model = load_policy(
+    snakemake.input.model,
+    checkpoint,
+    dtype=snakemake.params.model["dtype"],
+    quantize=snakemake.params.model.get("quantize"),
+    double_quant=snakemake.params.model.get("double_quant", True),
+)
 prompt_ids = encode_prompts(
     tokenizer, list(problems["prompt"]), snakemake.params.model["system_prompt"]
 )

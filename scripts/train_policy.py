@@ -18,6 +18,8 @@ settings = RunSettings(
     lora_rank=lora["rank"],
     lora_alpha=lora["alpha"],
     lora_targets=lora["targets"],
+    lora_quantize=lora.get("quantize"),
+    lora_double_quant=lora.get("double_quant", True),
     report_to=snakemake.config["runs"][snakemake.wildcards.run]["report_to"],
 )
 summary = train_policy(

@@ -397,8 +397,6 @@ def _estimate_delta_h(
     model, tokenizer, problems, prompt_ids, adam_state, run, settings, details: DeltaHLog
 ) -> DeltaHResult:
     t0 = time.perf_counter()
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = settings.tf32
     check_adam_state(model, adam_state)
     stage = _Stage(model, tokenizer, prompt_ids, run, settings, details=details)
     model.eval()

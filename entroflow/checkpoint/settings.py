@@ -68,13 +68,18 @@ class DeltaHSettings:
     normalisation: str = _DELTA_H["normalisation"]  # sequence | token
     clip: float | None = _DELTA_H["clip"]
     bootstrap: int = _DELTA_H["bootstrap"]
-    accum_dtype: str = _DELTA_H["accum_dtype"]
-    tf32: bool = _DELTA_H["tf32"]
     seed: int = _DELTA_H["seed"]
     logging: LoggingSettings = _logging_field()  # changes no number: see recorded_settings
+    # dtype, entropy_dtype, tf32, matmul_precision (lm.precision; applied by the stage's script)
+    precision: dict = field(default_factory=lambda: dict(_DELTA_H["precision"]))
 
-    def __post_init__(self):
+    def __post_init__(self):  # a partial precision entry: the schema's defaults for the rest
         self.logging = _as_logging(self.logging)
+        self.precision = {**_DELTA_H["precision"], **self.precision}
+
+    @property
+    def accum_dtype(self) -> str:  # the older key's name, read by the stage
+        return self.precision["entropy_dtype"]
 
 
 @dataclass
@@ -89,10 +94,12 @@ class FisherSettings:
     seed: int = _FISHER["seed"]
     e_responses: int = _FISHER["e_responses"]  # the E-batch's first draws, in order
     logging: LoggingSettings = _logging_field()  # changes no number: see recorded_settings
+    precision: dict = field(default_factory=lambda: dict(_FISHER["precision"]))  # lm.precision
     max_tokens_per_batch: int = 4096
 
-    def __post_init__(self):
+    def __post_init__(self):  # a partial precision entry: the schema's defaults for the rest
         self.logging = _as_logging(self.logging)
+        self.precision = {**_FISHER["precision"], **self.precision}
 
 
 @dataclass

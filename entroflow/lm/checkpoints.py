@@ -86,14 +86,27 @@ def _load_failure(err: Exception) -> str:
     return type(err).__name__
 
 
-def load_policy(base_model: str, checkpoint: str | Path, dtype: str = "auto", merge: bool = True):
-    """Base model + the checkpoint's LoRA adapter (merged for fast sampling unless merge=False)."""
+def load_policy(
+    base_model: str,
+    checkpoint: str | Path,
+    dtype: str = "auto",
+    merge: bool = True,
+    quantize: str | None = None,
+    double_quant: bool = True,
+):
+    """Base model + the checkpoint's LoRA adapter (merged for fast sampling unless merge=False).
+
+    A QLoRA run's checkpoint (`quantize` nf4 | fp4, as it was trained) gets its base quantized the
+    same way and then de-quantized (`models.dequantize_4bit`): the weights the trained model
+    multiplied by, in plain layers, so ΔH and the Fisher kernel measure the model that was trained
+    with forward-mode tangents and in float64, which bitsandbytes' 4-bit layers do not support."""
     from peft import PeftModel
 
     folder = Path(checkpoint)
     if not (folder / "adapter_config.json").exists():
         raise CheckpointError(f"{folder}: no adapter_config.json (expected a PEFT LoRA checkpoint)")
-    model = PeftModel.from_pretrained(
-        load_model(base_model, dtype=dtype), str(folder), is_trainable=not merge
+    base = load_model(
+        base_model, dtype=dtype, quantize=quantize, double_quant=double_quant, dequantize=True
     )
+    model = PeftModel.from_pretrained(base, str(folder), is_trainable=not merge)
     return model.merge_and_unload().eval() if merge else model

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto" or a torch dtype's name
+QUANTIZE = ("nf4", "fp4")  # bitsandbytes' 4-bit types of a QLoRA base (runs.<run>.lora.quantize)
 
 
 class ModelError(EntroflowError):
@@ -146,36 +147,153 @@ def load_tokenizer(path: str, revision: str | None = None):
     return tokenizer
 
 
+def check_quantize(quantize: str | None) -> None:
+    """A ModelError unless `quantize` is None or a 4-bit type bitsandbytes is installed for."""
+    import importlib.util
+
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE:
+        raise ModelError(f"unknown quantize '{quantize}'; available: {', '.join(QUANTIZE)} or null")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f"quantize '{quantize}' needs the bitsandbytes package (pip install 'entroflow[qlora]')"
+        )
+
+
+def quantization_config(quantize: str, compute_dtype: torch.dtype, double_quant: bool = True):
+    """transformers' 4-bit `BitsAndBytesConfig` of a QLoRA base: `quantize` (nf4 | fp4) weights,
+    matmuls in `compute_dtype` (the run's runtime dtype), quantization constants themselves
+    quantized with `double_quant`. Linear layers only; the LM head and embeddings stay as loaded."""
+    from transformers import BitsAndBytesConfig
+
+    check_quantize(quantize)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
+    )
+
+
+def dequantize_4bit(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every bitsandbytes `Linear4bit` by a plain `nn.Linear` holding exactly the weights
+    its forward multiplies by (bitsandbytes' own `dequantize_4bit` of the stored 4-bit codes).
+
+    The checkpoint stages measure the trained model this way: the same function as the 4-bit base
+    (tests/unit/test_qlora.py), with forward-mode tangents (which bitsandbytes' matmul drops) and
+    float64. transformers' `model.dequantize()` is not used: with double quantization it gave other
+    weights than the forward's on CPU (bitsandbytes 0.50.2, transformers 5.24)."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit as dequantize
+    from bitsandbytes.nn import Linear4bit
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, Linear4bit):
+                continue
+            weight = dequantize(child.weight.data, child.weight.quant_state)
+            plain = torch.nn.Linear(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                device=weight.device,
+                dtype=weight.dtype,
+            )
+            with torch.no_grad():
+                plain.weight.copy_(weight)
+                if child.bias is not None:
+                    plain.bias.copy_(child.bias)
+            setattr(module, child_name, plain)
+    # No longer a quantized model to transformers and PEFT (transformers' own clean-up).
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if hasattr(model, "is_loaded_in_4bit"):
+        del model.is_loaded_in_4bit
+    for module in model.modules():
+        if getattr(getattr(module, "config", None), "_is_quantized", False):
+            module.config._is_quantized = False
+    return model
+
+
+def keep_4bit_differentiable(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on their differentiable CPU path.
+
+    bitsandbytes 0.50.2, on CPUs with AVX512-BF16, repacks a `Linear4bit`'s weights for a bfloat16
+    kernel at its first forward in eval mode without grad (generation, scoring); from then on every
+    forward takes that kernel (`gemv_4bit`), which has no backward: gradients through the frozen
+    base to earlier LoRA layers are silently dropped (torch warns "an autograd kernel was not
+    registered"), and layers with in_features < 64 fail to repack. Turning the repack off keeps
+    the de-quantize + matmul path, in the compute dtype, with its backward (tests/unit/test_qlora.py).
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def runtime_dtype(dtype: str, dev: torch.device) -> torch.dtype | str:
+    """The torch dtype of a model entry's `dtype` on `dev` ("auto" is float32 on CPU)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}'; available: {', '.join(DTYPES)}")
+    if dtype == "auto":
+        # bf16 matmuls on CPU are slow and not what users compare against
+        return torch.float32 if dev.type == "cpu" else "auto"
+    return getattr(torch, dtype)
+
+
 def load_model(
-    path: str, revision: str | None = None, dtype: str = "auto", device: str = "auto"
+    path: str,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    quantize: str | None = None,
+    double_quant: bool = True,
+    dequantize: bool = False,
 ) -> torch.nn.Module:
+    """A causal LM. `quantize` (nf4 | fp4) loads the Linear layers 4-bit through bitsandbytes (a
+    QLoRA base; compute in `dtype`, bfloat16 for "auto" on CUDA); `dequantize` then turns them back
+    into plain layers holding the same 4-bit-rounded weights (`dequantize_4bit`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from entroflow.lm.model_folder import check_model_folder
 
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype '{dtype}'; available: {', '.join(DTYPES)}")
     dev = resolve_device(device)
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    if torch_dtype == "auto" and dev.type == "cpu":
-        torch_dtype = (
-            torch.float32
-        )  # bf16 matmuls on CPU are slow and not what users compare against
+    torch_dtype = runtime_dtype(dtype, dev)
+    kwargs = {}
+    if quantize is not None:
+        compute = torch.bfloat16 if torch_dtype == "auto" else torch_dtype
+        kwargs["quantization_config"] = quantization_config(quantize, compute, double_quant)
+        kwargs["device_map"] = str(dev) if dev.type == "cpu" else {"": dev.index or 0}
+        torch_dtype = compute
     check_model_folder(path, tokenizer=False)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, dtype=torch_dtype, **kwargs
+        )
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # and safetensors' errors:
         raise ModelError(f"model {path}: cannot load: {first_line(err)}") from None
     except Exception as err:
         if type(err).__module__.split(".")[0] != "safetensors":
             raise
         raise ModelError(f"model {path}: damaged weights: {first_line(err)}") from None
-    model.to(dev).eval()
+    if quantize is not None and dequantize:
+        model = dequantize_4bit(model)
+    elif quantize is not None:
+        keep_4bit_differentiable(model)
+    if quantize is None or dequantize:
+        model.to(dev)
+    model.eval()
     log.info(
-        "loaded %s (%s, %.1fM parameters) on %s",
+        "loaded %s (%s%s, %.1fM parameters) on %s",
         path,
         next(model.parameters()).dtype,
+        f", {quantize} base" + (" de-quantized" if dequantize else "") if quantize else "",
         sum(p.numel() for p in model.parameters()) / 1e6,
         dev,
     )

@@ -98,6 +98,7 @@ class EntropyMonitor(TrainerCallback):
         probe_every: int = 1,
         probe_sequences: int = 0,
         seed: int = 0,
+        accum_dtype: torch.dtype = torch.float32,  # the run's precision.entropy_dtype
     ):
         if probe_every < 1 or probe_sequences < 0:
             raise ValueError(
@@ -114,6 +115,7 @@ class EntropyMonitor(TrainerCallback):
         self.temperature = temperature
         self.max_tokens_per_batch = max_tokens_per_batch
         self.num_generations = num_generations
+        self.accum_dtype = accum_dtype
         self.trainer = None
         self.rollout: Rollout | None = None
         self._reset_step()
@@ -192,6 +194,7 @@ class EntropyMonitor(TrainerCallback):
             [r.completion_ids[i] for i in idx],
             pad_token_id=self.tokenizer.pad_token_id,
             temperature=self.temperature,
+            accum_dtype=self.accum_dtype,
             **head,
         )
 

@@ -17,6 +17,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from entroflow.journal import fingerprint, folder_fingerprint
 from entroflow.lm.models import load_model, load_tokenizer
+from entroflow.lm.precision import Precision, apply_precision
 from entroflow.training.monitor import EntropyMonitor
 from entroflow.training.traces import (
     PROBE_COVARIANCE,
@@ -113,7 +114,14 @@ def resumable_checkpoint(output: Path, key: str) -> Path | None:
     return checkpoint
 
 
-def train_policy(
+def train_policy(settings: RunSettings, *args, **kwargs) -> dict:
+    """`run_training` under the run's precision (lm.precision: torch's matmul precision set for
+    the run and restored after it)."""
+    with apply_precision(settings.precision):
+        return run_training(settings, *args, **kwargs)
+
+
+def run_training(
     settings: RunSettings,
     model_dir: str,
     problems: pd.DataFrame,
@@ -175,7 +183,14 @@ def train_rank(
     tokenizer = load_tokenizer(model_dir)
     local_rank = os.environ.get("LOCAL_RANK")  # set by accelerate launch (torchrun)
     device = f"cuda:{local_rank}" if local_rank and torch.cuda.is_available() else "auto"
-    model = load_model(model_dir, dtype=dtype, device=device)
+    precision = Precision.of(settings.precision)
+    model = load_model(
+        model_dir,
+        dtype=precision.dtype or dtype,
+        device=device,
+        quantize=settings.lora_quantize,
+        double_quant=settings.lora_double_quant,
+    )
     dataset = prompts_dataset(problems, system_prompt)
     trainer = build_trainer(
         settings, model, tokenizer, dataset, str(output), reward_funcs=reward_funcs
@@ -193,6 +208,7 @@ def train_rank(
         probe=settings.probe,
         probe_every=settings.probe_every,
         probe_sequences=settings.probe_sequences,
+        accum_dtype=precision.entropy_torch_dtype,
     )
     trainer.remove_callback(
         PrinterCallback

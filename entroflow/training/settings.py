@@ -28,6 +28,8 @@ class RunSettings:
     lora_rank: int = _LORA["rank"]  # runs.{name}.lora.rank
     lora_alpha: float = _LORA["alpha"]
     lora_targets: str | list[str] = _LORA["targets"]
+    lora_quantize: str | None = _LORA["quantize"]  # QLoRA: nf4 | fp4 base (bitsandbytes)
+    lora_double_quant: bool = _LORA["double_quant"]
     max_new_tokens: int = _RUN["max_new_tokens"]
     temperature: float = _RUN["temperature"]
     beta: float = _RUN["beta"]
@@ -41,3 +43,8 @@ class RunSettings:
     processes: int = _RUN["processes"]  # > 1: accelerate launch (training.launch)
     deepspeed_config: str | None = _RUN["deepspeed_config"]
     report_to: list[str] = field(default_factory=lambda: list(_RUN["report_to"]))
+    # runs.{name}.precision: dtype, entropy_dtype, tf32, matmul_precision (lm.precision)
+    precision: dict = field(default_factory=lambda: dict(_RUN["precision"]))
+
+    def __post_init__(self):  # a partial precision entry: the schema's defaults for the rest
+        self.precision = {**_RUN["precision"], **self.precision}

@@ -217,6 +217,16 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def mixed_precision(dtype: str | None) -> dict:
+    """The trainer's autocast on CUDA for the run's runtime dtype (precision.dtype): bf16 for
+    auto / null / bfloat16 (where supported), fp16 for float16, none for float32."""
+    cuda = torch.cuda.is_available()
+    return {
+        "bf16": cuda and dtype in (None, "auto", "bfloat16") and torch.cuda.is_bf16_supported(),
+        "fp16": cuda and dtype == "float16",
+    }
+
+
 def grpo_config(settings: RunSettings, output_dir: str, reward_weights: list[float]) -> GRPOConfig:
     """TRL's arguments for a run: its algorithm's loss and reward scaling (training.algorithms)."""
     algo = algorithm(settings.algorithm)
@@ -242,7 +252,7 @@ def grpo_config(settings: RunSettings, output_dir: str, reward_weights: list[flo
         use_cpu=not torch.cuda.is_available(),
         # several processes (training.launch): NCCL between GPUs, gloo between CPU processes
         ddp_backend=None if torch.cuda.is_available() or settings.processes == 1 else "gloo",
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        **mixed_precision(settings.precision.get("dtype")),
         report_to=list(settings.report_to),
         disable_tqdm=True,
         seed=settings.seed,
@@ -279,6 +289,10 @@ def build_trainer(
         reward_funcs, reward_weights = make_reward_funcs(settings.format_reward)
     else:
         reward_weights = [1.0] * len(reward_funcs)
+    if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: lora.quantize
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     kwargs = dict(
         model=model,
         reward_funcs=reward_funcs,

@@ -320,8 +320,14 @@ def get_train_threads(wildcards):
 
 
 def get_run_model_settings(wildcards):
-    entry = config["models"][get_run(wildcards)["model"]]
-    return {"dtype": entry["dtype"], "system_prompt": entry["system_prompt"]}
+    """The run's model entry's dtype and system prompt, and its QLoRA base's 4-bit type (only
+    when set, so unquantized runs keep their params)."""
+    run = get_run(wildcards)
+    entry = config["models"][run["model"]]
+    out = {"dtype": entry["dtype"], "system_prompt": entry["system_prompt"]}
+    if run["lora"]["quantize"] is not None:
+        out |= {k: run["lora"][k] for k in ("quantize", "double_quant")}
+    return out
 
 
 def get_checkpoint(wildcards):

@@ -24,8 +24,15 @@ def setup_logging(log_path: str | None = None, level: int = logging.INFO) -> log
     warnings.filterwarnings("once")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes (the qlora extra), imported by PEFT in every process, warns on CPU that its
+    # optional hub kernel package is absent; its own CPU path is what QLoRA uses here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_notice)
     sys.excepthook = report_uncaught
     return logging.getLogger("entroflow")
+
+
+def _not_the_kernels_notice(record: logging.LogRecord) -> bool:
+    return "from kernels-community" not in record.getMessage()
 
 
 def report_uncaught(exc_type, exc, tb) -> None:

@@ -8,7 +8,7 @@ from entroflow.checkpoint.delta_h_result import DeltaHResult
 from entroflow.checkpoint.detailed_log import log_folder
 from entroflow.checkpoint.fisher_run import fisher_kernel_stage
 from entroflow.checkpoint.settings import FisherSettings, RunShape, recorded_settings
-from entroflow.lm.checkpoints import load_policy
+from entroflow.lm.checkpoints import load_stage_policy
 from entroflow.lm.models import load_tokenizer
 from entroflow.lm.precision import apply_precision
 from entroflow.logs import setup_logging
@@ -21,15 +21,8 @@ settings, model_entry = FisherSettings(**cfg["fisher"]), snakemake.params.model
 delta_h = DeltaHResult.read(snakemake.input.delta_h)  # its batches and its replayed update
 store = Path(snakemake.params.gradients)
 with apply_precision(settings.precision, f"runs.{snakemake.wildcards.run}.fisher.precision") as p:
-    model = load_policy(
-        snakemake.input.model,
-        checkpoint,
-        dtype=p.load_dtype(model_entry["dtype"]),
-        merge=False,
-        quantize=model_entry.get("quantize"),
-        double_quant=model_entry.get("double_quant", True),
-    )
-    model = p.cast(model)  # float64 by default
+    # float64 by default (fisher.precision.dtype)
+    model = load_stage_policy(snakemake.input.model, checkpoint, model_entry, p)
     try:
         result = fisher_kernel_stage(
             model,

@@ -7,7 +7,7 @@ from entroflow.checkpoint.detailed_log import log_folder
 from entroflow.checkpoint.replay import read_maxent_state
 from entroflow.checkpoint.settings import DeltaHSettings, RunShape, recorded_settings
 from entroflow.data.datasets import read_problems
-from entroflow.lm.checkpoints import load_adam_state, load_policy
+from entroflow.lm.checkpoints import load_adam_state, load_stage_policy
 from entroflow.lm.models import encode_prompts, load_tokenizer
 from entroflow.lm.precision import apply_precision
 from entroflow.logs import setup_logging
@@ -19,15 +19,7 @@ adam_state = load_adam_state(checkpoint)  # fails first, naming the folder, if t
 tokenizer = load_tokenizer(snakemake.input.model)
 settings, model_entry = DeltaHSettings(**cfg["delta_h"]), snakemake.params.model
 with apply_precision(settings.precision, f"runs.{snakemake.wildcards.run}.delta_h.precision") as p:
-    model = load_policy(
-        snakemake.input.model,
-        checkpoint,
-        dtype=p.load_dtype(model_entry["dtype"]),
-        merge=False,
-        quantize=model_entry.get("quantize"),
-        double_quant=model_entry.get("double_quant", True),
-    )
-    model = p.cast(model)
+    model = load_stage_policy(snakemake.input.model, checkpoint, model_entry, p)
     problems = read_problems(snakemake.input.problems)
     prompt_ids = encode_prompts(tokenizer, list(problems["prompt"]), model_entry["system_prompt"])
     run = RunShape(**cfg["run"], maxent_state=read_maxent_state(checkpoint))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from entroflow.errors import EntroflowError
 from entroflow.lm.models import load_model
+from entroflow.lm.precision import Precision
 
 STEP = re.compile(r"checkpoint-(\d+)$")
 # Written next to optimizer.pt by entroflow's trainer: the parameter names in the optimizer's order.
@@ -110,3 +111,20 @@ def load_policy(
     )
     model = PeftModel.from_pretrained(base, str(folder), is_trainable=not merge)
     return model.merge_and_unload().eval() if merge else model
+
+
+def load_stage_policy(
+    base_model: str, checkpoint: str | Path, model_entry: dict, precision: Precision
+):
+    """The policy a per-checkpoint stage (ΔH, Fisher) measures: the adapter unmerged on the base
+    loaded as the model entry says (its dtype unless the stage's precision sets one; a QLoRA
+    base quantized and de-quantized as trained), then cast to the stage's precision dtype."""
+    model = load_policy(
+        base_model,
+        checkpoint,
+        dtype=precision.load_dtype(model_entry["dtype"]),
+        merge=False,
+        quantize=model_entry.get("quantize"),
+        double_quant=model_entry.get("double_quant", True),
+    )
+    return precision.cast(model)

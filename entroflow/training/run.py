@@ -161,8 +161,9 @@ def run_training(
         launch_processes(*args, reward_funcs=reward_funcs, threads=threads)
     else:
         train_rank(*args, reward_funcs=reward_funcs)
-    summary = TraceWriter(trace_dir).write_summary(run_metadata(settings, model_dir))
-    (output / "run.json").write_text(json.dumps(run_metadata(settings, model_dir), indent=2) + "\n")
+    metadata = run_metadata(settings, model_dir)
+    summary = TraceWriter(trace_dir).write_summary(metadata)
+    (output / "run.json").write_text(json.dumps(metadata, indent=2) + "\n")
     return summary
 
 

@@ -41,6 +41,25 @@ def shrinks(monkeypatch):
     return calls
 
 
+def assert_cut_at_eos_and_equal_to_the_scorer(model, tokenizer, prompts, gens, temperature):
+    """Each row ends at its first EOS or at 24 tokens, and its engine log-probs and entropies are
+    the scorer's (same fp32 model, different batching and attention masks: rounding only)."""
+    for g in gens:
+        stop = np.isin(g.token_ids, EOS)
+        assert (g.finish_reason == "stop") == bool(stop.any()) and not stop[:-1].any()
+        assert g.finish_reason == "stop" or len(g.token_ids) == 24
+    scored = score_responses(
+        model,
+        [prompts[g.prompt_row] for g in gens],
+        [g.token_ids for g in gens],
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=temperature,
+    )
+    for g, s in zip(gens, scored, strict=True):
+        np.testing.assert_allclose(g.engine_logprob, s.logprob, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(g.entropy, s.entropy, atol=2e-5, rtol=1e-5)
+
+
 FUSED_ON_CPU = fused_supported(torch.device("cpu"))  # Triton's interpreter (tests/conftest.py)
 
 
@@ -84,21 +103,7 @@ def test_logprobs_and_inline_entropy_match_the_scorer(
     assert shrinks, "no batch was retired into a smaller one: the test does not cover it"
     lengths = {len(g.token_ids) for g in gens}
     assert len(lengths) > 3  # scattered stopping depths
-    for g in gens:
-        stop = np.isin(g.token_ids, EOS)
-        assert (g.finish_reason == "stop") == bool(stop.any()) and not stop[:-1].any()
-        assert g.finish_reason == "stop" or len(g.token_ids) == 24
-    scored = score_responses(
-        model,
-        [prompts[g.prompt_row] for g in gens],
-        [g.token_ids for g in gens],
-        pad_token_id=tiny_tokenizer.pad_token_id,
-        temperature=temperature,
-    )
-    for g, s in zip(gens, scored, strict=True):
-        # Same fp32 model, different batching and attention masks: rounding only.
-        np.testing.assert_allclose(g.engine_logprob, s.logprob, atol=2e-5, rtol=1e-5)
-        np.testing.assert_allclose(g.entropy, s.entropy, atol=2e-5, rtol=1e-5)
+    assert_cut_at_eos_and_equal_to_the_scorer(model, tiny_tokenizer, prompts, gens, temperature)
 
 
 def test_greedy_tokens_equal_generate(model, tiny_tokenizer, shrinks):
@@ -290,19 +295,6 @@ def test_refill_sampled_logprobs_match_the_scorer(model, tiny_tokenizer, refills
     assert refills and [(g.prompt_row, g.sample_index) for g in gens] == [
         (r, s) for r in range(6) for s in range(3)
     ]
-    for g in gens:
-        stop = np.isin(g.token_ids, EOS)
-        assert (g.finish_reason == "stop") == bool(stop.any()) and not stop[:-1].any()
-        assert g.finish_reason == "stop" or len(g.token_ids) == 24
-    scored = score_responses(
-        model,
-        [prompts[g.prompt_row] for g in gens],
-        [g.token_ids for g in gens],
-        pad_token_id=tiny_tokenizer.pad_token_id,
-        temperature=0.7,
-    )
-    for g, s in zip(gens, scored, strict=True):
-        np.testing.assert_allclose(g.engine_logprob, s.logprob, atol=2e-5, rtol=1e-5)
-        np.testing.assert_allclose(g.entropy, s.entropy, atol=2e-5, rtol=1e-5)
+    assert_cut_at_eos_and_equal_to_the_scorer(model, tiny_tokenizer, prompts, gens, 0.7)
     again = engine.generate(prompts, params)
     assert [g.token_ids.tolist() for g in again] == [g.token_ids.tolist() for g in gens]

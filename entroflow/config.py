@@ -44,7 +44,8 @@ def check_names(config: dict) -> None:
 
 
 def check_removed_keys(config: dict) -> None:
-    """One ConfigError naming a key an earlier entroflow took, with what replaced it."""
+    """One ConfigError naming a key an earlier entroflow took, with what replaced it, or a
+    run's `infoseed` settings under another algorithm (checked before defaults are filled)."""
     runs = config.get("runs")
     for name, run in runs.items() if isinstance(runs, dict) else ():
         maxent = run.get("maxent") if isinstance(run, dict) else None
@@ -54,6 +55,19 @@ def check_removed_keys(config: dict) -> None:
                 f"config: runs.{name}.maxent.controller.rate: removed with the multiplicative "
                 "controller; use mode (analytic, first_order or static) and meta_lr"
             )
+        algorithm = run.get("algorithm") if isinstance(run, dict) else None
+        infoseed = run.get("infoseed") if isinstance(run, dict) else None
+        # (a validated config holds the defaults: validating it again is not a user's mistake)
+        if infoseed not in (None, {}, _infoseed_defaults()) and algorithm != "infoseed_grpo":
+            raise ConfigError(
+                f"config: runs.{name}.infoseed: settings of algorithm infoseed_grpo, but this "
+                f"run's algorithm is {algorithm or 'the default'}; set algorithm: infoseed_grpo "
+                "or remove them"
+            )
+
+
+def _infoseed_defaults() -> dict:
+    return schema_defaults("runs", "*", "infoseed")
 
 
 # Older keys still read, each as its new place (a stage's `precision` entry).
@@ -224,6 +238,12 @@ def _check_run(config: dict, name: str, run: dict) -> None:
     if run["delta_h"]["enabled"] and not (run["delta_h"]["dataset"] or run.get("dataset")):
         raise ConfigError(
             f"{where}.delta_h.dataset: needed for an external run (no training dataset)"
+        )
+    if run["algorithm"] == "infoseed_grpo" and run["delta_h"]["enabled"]:
+        raise ConfigError(
+            f"{where}.delta_h: not available for algorithm infoseed_grpo: its update adds the "
+            "seed loss and entropy term, which the ΔH replay and the Fisher kernel do not model "
+            "(set delta_h.enabled: false; evaluation works on its checkpoints)"
         )
     if run["fisher"]["enabled"] and not run["delta_h"]["enabled"]:
         raise ConfigError(f"{where}.fisher: needs delta_h enabled (the kernel uses its batches)")

@@ -170,9 +170,11 @@ Colour is log<sub>10</sub> entropy (floor {LOG_FLOOR:g}), so the many near-zero 
 
 def training_curves(rows: list[dict], path, title: str = "") -> None:
     """Per step (manifest rows): reward; entropy mean and percentiles; the step probe, predicted
-    vs realised change of the rollouts' mean entropy over the step (training.monitor)."""
+    vs realised change of the rollouts' mean entropy over the step (training.monitor); and for
+    InfoSeed-GRPO, seed accuracy and the original and seeded rollouts' entropies."""
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    infoseed = any(INFOSEED_ACCURACY in r for r in rows)  # infoseed_grpo: a fourth panel
+    fig, axes = plt.subplots(3 + infoseed, 1, figsize=(7, 8 + 2.5 * infoseed), sharex=True)
     axes[0].plot(steps, [r.get("reward_mean") for r in rows], marker="o", ms=3, color="#55a868")
     axes[0].set_ylabel("mean reward")
     for key, style in (("mean", "-"), ("p50", ":"), ("p80", "--"), ("p90", "-."), ("p99", ":")):
@@ -195,9 +197,28 @@ def training_curves(rows: list[dict], path, title: str = "") -> None:
     else:
         axes[2].text(0.5, 0.5, "step probe off", ha="center", transform=axes[2].transAxes)
     axes[2].set_ylabel("step probe: Δ mean entropy (nats)")
-    axes[2].set_xlabel("training step")
+    if infoseed:
+        _infoseed_panel(axes[3], rows)
+    axes[-1].set_xlabel("training step")
     fig.suptitle(f"training run {title}", fontsize=10)
     _save(fig, path)
+
+
+INFOSEED_ACCURACY = "infoseed/seed_accuracy"
+
+
+def _infoseed_panel(ax, rows: list[dict]) -> None:
+    """InfoSeed-GRPO per step: seed accuracy (left axis) and the mean token entropy of the
+    original and the seeded rollouts (right axis)."""
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r.get(INFOSEED_ACCURACY) for r in rows], marker="o", ms=3, color="#8172b2")
+    ax.set_ylabel("seed accuracy", color="#8172b2")
+    right = ax.twinx()
+    for key, style in (("entropy_original", "-"), ("entropy_seeded", "--")):
+        values = [r.get(f"infoseed/{key}") for r in rows]
+        right.plot(steps, values, style, color="#c44e52", label=key.replace("_", " "))
+    right.set_ylabel("token entropy (nats)", color="#c44e52")
+    right.legend(fontsize=7, loc="center right")
 
 
 DELTA_H_PREDICTORS = (  # (Estimates field, label): every interval, the ground truth first

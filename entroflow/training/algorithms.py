@@ -7,7 +7,7 @@ gradient, and the loss normalisation. At the sampling parameters (importance rat
 each algorithm's loss on B sequences is linear in their log-probabilities S(y_i) = Σ_t log π(y_it):
 
     L = -Σ_i c_i S(y_i)
-    grpo:                  c_i = A_i / (B · L_i)              (TRL loss_type "grpo": token mean,
+    grpo, infoseed_grpo:   c_i = A_i / (B · L_i)              (TRL loss_type "grpo": token mean,
                                                                then sequence mean)
     dr_grpo, maxent_grpo:  c_i = A_i / (B · max_new_tokens)  (TRL loss_type "dr_grpo")
 
@@ -64,6 +64,8 @@ ALGORITHMS = {
         Algorithm("grpo", loss_type="grpo", advantages="group_std", per_length=True),
         Algorithm("dr_grpo", loss_type="dr_grpo", advantages="group_mean", per_length=False),
         Algorithm("maxent_grpo", loss_type="dr_grpo", advantages="maxent", per_length=False),
+        # grpo's loss and advantages; the seed terms (training.infoseed) are added by its trainer
+        Algorithm("infoseed_grpo", loss_type="grpo", advantages="group_std", per_length=True),
     )
 }
 

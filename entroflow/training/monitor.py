@@ -392,5 +392,7 @@ class EntropyMonitor(TrainerCallback):
             },
             attrs={"step": step, "temperature": self.temperature, "source": "training rollouts"},
         )
+        if r.seed is not None:  # InfoSeed-GRPO: which prompt variant each response answered
+            table.groups["responses"]["seed"] = r.seed
         table.groups["vocab"] = vocab_group(t_flat, self.tokenizer)
         return table

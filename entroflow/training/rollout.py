@@ -30,6 +30,9 @@ class Rollout:
     # Values the trainer computed for this step (MaxEnt-GRPO: its controller's τ, β, Δτ, Δβ),
     # logged by it and written to the trace manifest under the same names:
     metrics: dict[str, float] = field(default_factory=dict)
+    # InfoSeed-GRPO: int32 [B], each rollout's seed id (-1: the original prompt); prompt_ids
+    # hold the seeded prompts, prompt_text the group's original one
+    seed: np.ndarray | None = None
 
 
 def unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:

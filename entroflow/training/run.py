@@ -46,13 +46,17 @@ LOGGED = (
     "maxent/delta_tau",
     "maxent/beta",
     "maxent/delta_beta",
+    "infoseed/seed_loss",  # infoseed_grpo: its auxiliary loss, seed accuracy and subset entropies
+    "infoseed/seed_accuracy",
+    "infoseed/entropy_original",
+    "infoseed/entropy_seeded",
     "step_time",
 )
 
 
 class StepLog(TrainerCallback):
     """One log line per step with reward, entropy, the step probe's values, MaxEnt-GRPO's τ, β
-    with their steps, and timing."""
+    with their steps, InfoSeed-GRPO's seed loss, accuracy and subset entropies, and timing."""
 
     def __init__(self, total_steps: int):
         self.total = total_steps

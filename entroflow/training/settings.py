@@ -40,11 +40,13 @@ class RunSettings:
     probe_every: int = _RUN["probe_every"]
     probe_sequences: int = _RUN["probe_sequences"]
     maxent: dict = field(default_factory=lambda: dict(_RUN["maxent"]))
+    infoseed: dict = field(default_factory=lambda: dict(_RUN["infoseed"]))
     processes: int = _RUN["processes"]  # > 1: accelerate launch (training.launch)
     deepspeed_config: str | None = _RUN["deepspeed_config"]
     report_to: list[str] = field(default_factory=lambda: list(_RUN["report_to"]))
     # runs.{name}.precision: dtype, entropy_dtype, tf32, matmul_precision (lm.precision)
     precision: dict = field(default_factory=lambda: dict(_RUN["precision"]))
 
-    def __post_init__(self):  # a partial precision entry: the schema's defaults for the rest
+    def __post_init__(self):  # partial entries: the schema's defaults for the rest
         self.precision = {**_RUN["precision"], **self.precision}
+        self.infoseed = {**_RUN["infoseed"], **self.infoseed}

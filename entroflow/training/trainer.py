@@ -24,6 +24,13 @@ from entroflow.errors import EntroflowError
 from entroflow.estimators.delta_h import score_sequences
 from entroflow.lm.checkpoints import PARAM_NAMES_FILE
 from entroflow.training.algorithms import algorithm
+from entroflow.training.infoseed import (
+    InfoSeedSettings,
+    pool_hidden,
+    seed_terms,
+    seeded_prompt,
+    slot_seeds,
+)
 from entroflow.training.maxent import (
     MaxEntController,
     maxent_advantages,
@@ -55,9 +62,9 @@ def check_trackers(report_to: list[str]) -> None:
             raise EntroflowError(f"report_to: {name} needs the package {TRACKER_PACKAGES[name]}")
 
 
-def optimizer_param_names(model, optimizer) -> list[list[str]]:
+def optimizer_param_names(named_parameters, optimizer) -> list[list[str]]:
     """Names of the optimizer's parameters, group by group, in its own order."""
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in named_parameters}
     return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
 
 
@@ -122,7 +129,12 @@ class EntroflowGRPOTrainer(GRPOTrainer):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             path = Path(self._checkpoint_dir(trial)) / PARAM_NAMES_FILE
-            path.write_text(json.dumps(optimizer_param_names(self.model, self.optimizer), indent=1))
+            names = optimizer_param_names(self.named_trained_parameters(), self.optimizer)
+            path.write_text(json.dumps(names, indent=1))
+
+    def named_trained_parameters(self):
+        """(name, parameter) of everything the optimizer may hold."""
+        return self.model.named_parameters()
 
 
 _MAXENT = schema_defaults("runs", "*", "maxent")
@@ -209,6 +221,141 @@ class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
         if checkpoint is not None and (Path(checkpoint) / MAXENT_STATE_FILE).exists():
             state = json.loads((Path(checkpoint) / MAXENT_STATE_FILE).read_text())
             self.maxent.controller = MaxEntController.from_state(state)
+
+
+SEED_HEAD_FILE = "seed_head.safetensors"  # InfoSeed-GRPO's seed head (loss ce), per checkpoint
+SEED_HEAD_PREFIX = "infoseed.seed_head."  # its parameters' names in optimizer_param_names.json
+
+
+class InfoSeedGRPOTrainer(EntroflowGRPOTrainer):
+    """InfoSeed-GRPO (training.infoseed): seeds the prompts of each group's slots, and adds the
+    seed-aware loss and the entropy term to TRL's GRPO loss, from the loss pass's own last-layer
+    hidden states and token entropies. With loss `ce` its linear seed head trains in the same
+    AdamW and is saved beside the adapter (SEED_HEAD_FILE)."""
+
+    def __init__(self, *args, infoseed: InfoSeedSettings | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.infoseed = infoseed or InfoSeedSettings()
+        self.seed_head = None
+        if self.infoseed.loss == "ce":
+            hidden = self.model.config.get_text_config().hidden_size
+            device = next(self.model.parameters()).device
+            self.seed_head = torch.nn.Linear(hidden, self.infoseed.seeds).to(device)
+        self._capture: dict | None = None  # filled while the loss pass runs
+        self._backbone().register_forward_hook(self._keep_hidden)
+
+    def _backbone(self):
+        """The decoder stack whose output is the last layer's hidden states (B, T, d)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        return model.base_model
+
+    def _keep_hidden(self, module, args, output):
+        if self._capture is not None:
+            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            self._capture["hidden"].append(hidden)
+
+    def _generate_and_score_completions(self, inputs):
+        if self.model.training:  # consecutive groups of num_generations slots
+            seeds = slot_seeds(
+                len(inputs), self.num_generations, self.infoseed.seeds, self.infoseed.original
+            )
+            inputs = [
+                {**x, "prompt": seeded_prompt(x["prompt"], seed, self.infoseed.template)}
+                for x, seed in zip(inputs, seeds, strict=True)
+            ]
+        out = super()._generate_and_score_completions(inputs)
+        if self.model.training:
+            out["seed_ids"] = torch.tensor(seeds, device=out["completion_ids"].device)
+            self.last_rollout.seed = np.asarray(seeds, dtype=np.int32)  # for the trace
+        return out
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        result = super()._get_per_token_logps_and_entropies(
+            *args, **kwargs
+        )  # (logps, entropies, ...)
+        if self._capture is not None:
+            self._capture["entropies"] = result[1]  # (B, C), with gradient
+        return result
+
+    def _compute_loss(self, model, inputs):
+        if "seed_ids" not in inputs:  # not a training batch
+            return super()._compute_loss(model, inputs)
+        self._capture = {"hidden": []}
+        try:
+            loss = super()._compute_loss(model, inputs)
+            captured = self._capture
+        finally:
+            self._capture = None
+        mask = inputs["completion_mask"]  # (B, C)
+        hidden = torch.cat(captured["hidden"])[:, -mask.size(1) :]  # completion positions
+        pooled = pool_hidden(hidden, mask, self.infoseed.pooling)  # (B, d)
+        terms = seed_terms(
+            self.infoseed,
+            pooled,
+            captured["entropies"],
+            mask,
+            inputs["seed_ids"],
+            head=self.seed_head,
+        )
+        metrics = {f"infoseed/{k}": v for k, v in terms.metrics.items()}
+        self.record_metrics(metrics)
+        if self.last_rollout is not None:
+            self.last_rollout.metrics.update(metrics)
+        if terms.loss is None:
+            return loss
+        return loss + terms.loss / self.current_gradient_accumulation_steps
+
+    def create_optimizer(self):
+        optimizer = super().create_optimizer()
+        if self.seed_head is not None:  # its own group, no weight decay, the run's learning rate
+            head = list(self.seed_head.parameters())
+            if not any(p is head[0] for g in optimizer.param_groups for p in g["params"]):
+                optimizer.add_param_group({"params": head, "weight_decay": 0.0})
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        # The head is outside the model: the Trainer's model.zero_grad() and DDP do not reach it.
+        if (
+            self.seed_head is not None
+            and self._step % self.current_gradient_accumulation_steps == 0
+        ):
+            self.seed_head.zero_grad(set_to_none=True)  # a new accumulation window
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.seed_head is not None and self.accelerator.num_processes > 1:
+            for p in self.seed_head.parameters():  # every rank reduces, with or without a grad
+                grad = torch.zeros_like(p) if p.grad is None else p.grad
+                p.grad = self.accelerator.reduce(grad, reduction="mean")
+        return loss
+
+    def named_trained_parameters(self):
+        yield from super().named_trained_parameters()
+        if self.seed_head is not None:
+            for name, p in self.seed_head.named_parameters():
+                yield SEED_HEAD_PREFIX + name, p
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and self.seed_head is not None:
+            from safetensors.torch import save_file
+
+            state = {
+                k: v.detach().cpu().contiguous() for k, v in self.seed_head.state_dict().items()
+            }
+            save_file(state, Path(self._checkpoint_dir(trial)) / SEED_HEAD_FILE)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is not None and self.seed_head is not None:
+            from safetensors.torch import load_file
+
+            path = Path(checkpoint) / SEED_HEAD_FILE
+            if not path.exists():
+                raise EntroflowError(f"{checkpoint}: no {SEED_HEAD_FILE} to resume the seed head")
+            self.seed_head.load_state_dict(
+                load_file(path, device=str(self.seed_head.weight.device))
+            )
+        super()._load_optimizer_and_scheduler(checkpoint)
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -301,7 +448,9 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=lora_config(settings),
     )
-    if algo.listwise:
+    if settings.algorithm == "infoseed_grpo":
+        trainer = InfoSeedGRPOTrainer(**kwargs, infoseed=InfoSeedSettings(**settings.infoseed))
+    elif algo.listwise:
         m = dict(settings.maxent)
         controller = MaxEntController(**m.pop("controller", {}))
         trainer = MaxEntGRPOTrainer(**kwargs, maxent=MaxEntSettings(**m, controller=controller))

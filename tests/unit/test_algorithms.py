@@ -56,7 +56,16 @@ def batch(seed: int, n: int = 6, max_new: int = 9):
 
 def test_trl_settings_are_the_old_ones():
     old_loss_type = {"grpo": "grpo", "dr_grpo": "dr_grpo", "maxent_grpo": "dr_grpo"}
-    assert set(ALGORITHMS) == set(NAMES)
+    assert set(ALGORITHMS) == set(NAMES) | {"infoseed_grpo"}
+    infoseed, grpo = (
+        algorithm("infoseed_grpo"),
+        algorithm("grpo"),
+    )  # grpo's RL part, seed terms apart
+    assert (infoseed.loss_type, infoseed.advantages, infoseed.per_length) == (
+        grpo.loss_type,
+        grpo.advantages,
+        grpo.per_length,
+    )
     for name in NAMES:
         assert algorithm(name).loss_type == old_loss_type[name]
         assert algorithm(name).scale_rewards == ("none" if name == "dr_grpo" else "group")

@@ -9,6 +9,11 @@ records beside it the config file(s) and the specification it was made from; at 
 config whose specification differs, and that is not the config that made it, is refused with one
 line naming both. The config that made it may change its own specification (that reruns, as
 Snakemake does for any changed param).
+
+Keys that change no result and trigger no rerun (UNTRACKED: a run's `report_to`, see
+config.schema.yaml) are left out of the comparison: two configs that differ only in them share the
+output. A checkpoint stage's `logging` stays in: it is a param (README, "What reruns when"), so
+another config's logging would rerun the stage, and this config's next run would rerun it back.
 """
 
 from __future__ import annotations
@@ -22,6 +27,20 @@ from entroflow.errors import EntroflowError
 
 class SharedOutputError(EntroflowError):
     pass
+
+
+# Per part of a spec, the keys that are no rerun trigger (no rule reads them as a param).
+UNTRACKED = {"run": frozenset({"report_to"})}
+
+
+def tracked(spec: dict) -> dict:
+    """`spec` without its UNTRACKED keys (records written before they were left out hold them)."""
+    return {
+        part: {k: v for k, v in value.items() if k not in UNTRACKED[part]}
+        if part in UNTRACKED and isinstance(value, dict)
+        else value
+        for part, value in spec.items()
+    }
 
 
 def record_path(output: str | os.PathLike) -> Path:
@@ -46,10 +65,10 @@ def check_record(
         return
     try:
         made = json.loads(path.read_text())
-        theirs, their_spec = made["configs"], made["spec"]
-    except (OSError, ValueError, KeyError, TypeError):
+        theirs, their_spec = made["configs"], tracked(made["spec"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # an unreadable record protects nothing; the rule rewrites it
-    spec = json.loads(json.dumps(spec))  # the record's JSON view of it (tuples -> lists)
+    spec = tracked(json.loads(json.dumps(spec)))  # the record's JSON view (tuples -> lists)
     if spec == their_spec or theirs == configs:
         return
     differ = sorted(k for k in spec.keys() | their_spec.keys() if spec.get(k) != their_spec.get(k))
@@ -74,9 +93,9 @@ def experiment_spec(config: dict, name: str) -> dict:
 
 
 def run_spec(config: dict, name: str) -> dict:
-    """What a training run depends on: its entry and its model's."""
+    """What a training run depends on: its entry (less its trackers) and its model's."""
     entry = config["runs"][name]
-    return {"run": entry, "model": config["models"][entry["model"]]}
+    return tracked({"run": entry, "model": config["models"][entry["model"]]})
 
 
 def shared_outputs(config: dict):

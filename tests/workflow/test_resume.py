@@ -160,3 +160,52 @@ def test_a_killed_controller_resumes_after_unlock(tmp_path, tiny_tokenizer):
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     log = (work / "logs/generate_responses/x.0-of-1.log").read_text()
     assert "resuming: 2 batches already saved" in log, log
+
+
+# Ctrl-C in a terminal: SIGINT to snakemake and to its running job, here once the job has written
+# its output (download_dataset: the parquet file, before its provenance record).
+INTERRUPTER = textwrap.dedent(
+    """
+    import os, signal, time
+    os.environ.setdefault("ENTROFLOW_CONTROLLER_PID", str(os.getpid()))  # the first: snakemake
+    if os.environ.get("ENTROFLOW_INTERRUPT_AFTER_OUTPUT"):
+        import entroflow.provenance
+
+        def write_record(output, configs, spec):
+            os.kill(int(os.environ["ENTROFLOW_CONTROLLER_PID"]), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(60)
+
+        entroflow.provenance.write_record = write_record
+    """
+)
+
+
+@pytest.mark.workflow
+def test_an_interrupted_job_reruns_from_another_directory(tmp_path, tiny_tokenizer):
+    """Ctrl-C leaves the running job's output behind, marked incomplete. The next run reruns
+    the job (profiles/default: rerun-incomplete) instead of stopping with Snakemake's
+    IncompleteFilesException, also when it is started outside the repository with --snakefile:
+    Snakemake finds the profile next to the Snakefile (workflow/profiles/default)."""
+    config = write_config(tmp_path, tiny_tokenizer)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(INTERRUPTER)
+    pythonpath = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p)
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = "resources/datasets/arith.parquet"
+    args = (target, "--cores", "1", "--configfile", str(config), "--directory", str(work))
+    args += ("--snakefile", str(ROOT / "workflow/Snakefile"))
+
+    env = {"PYTHONPATH": pythonpath, "ENTROFLOW_INTERRUPT_AFTER_OUTPUT": "1"}
+    interrupted = snakemake(*args, cwd=elsewhere, env=env)
+    assert interrupted.returncode != 0, interrupted.stderr[-3000:]
+    assert (work / target).exists() and not (work / f"{target}.made-by.json").exists()
+    assert list((work / ".snakemake/incomplete").iterdir())  # Snakemake's marker
+
+    again = snakemake(*args, cwd=elsewhere)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0 and "IncompleteFilesException" not in output, output[-3000:]
+    assert "Forced execution" in output, output[-3000:]
+    assert (work / f"{target}.made-by.json").exists()

@@ -23,6 +23,7 @@ from entroflow.config import schema_defaults
 from entroflow.errors import EntroflowError
 from entroflow.estimators.delta_h import score_sequences
 from entroflow.lm.checkpoints import PARAM_NAMES_FILE
+from entroflow.lm.precision import Precision
 from entroflow.training.algorithms import algorithm
 from entroflow.training.infoseed import (
     InfoSeedSettings,
@@ -150,9 +151,16 @@ class MaxEntSettings:
 class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
     """MaxEnt-GRPO: replaces group-normalised advantages by listwise MaxEnt weights (see maxent.py)."""
 
-    def __init__(self, *args, maxent: MaxEntSettings | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        maxent: MaxEntSettings | None = None,
+        accum_dtype: torch.dtype = torch.float32,  # precision.entropy_dtype
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.maxent = maxent or MaxEntSettings()
+        self.accum_dtype = accum_dtype
 
     @torch.no_grad()
     def _sequence_logprobs(self, prompt_ids, completion_ids) -> np.ndarray:
@@ -165,7 +173,7 @@ class MaxEntGRPOTrainer(EntroflowGRPOTrainer):
             [completion_ids[i] for i in keep],
             pad_token_id=self.processing_class.pad_token_id,
             temperature=1.0,
-            accum_dtype=torch.float32,
+            accum_dtype=self.accum_dtype,
         )
         out[keep] = [float(lp.double().sum()) for lp in scores.logprob]
         return out
@@ -453,7 +461,11 @@ def build_trainer(
     elif algo.listwise:
         m = dict(settings.maxent)
         controller = MaxEntController(**m.pop("controller", {}))
-        trainer = MaxEntGRPOTrainer(**kwargs, maxent=MaxEntSettings(**m, controller=controller))
+        trainer = MaxEntGRPOTrainer(
+            **kwargs,
+            maxent=MaxEntSettings(**m, controller=controller),
+            accum_dtype=Precision.of(settings.precision).entropy_torch_dtype,
+        )
     else:
         trainer = EntroflowGRPOTrainer(**kwargs)
     for callback in trainer.callback_handler.callbacks:

@@ -127,3 +127,30 @@ def test_bad_precision_names_the_key(entry, message):
 def test_precision_error_outside_the_config_names_the_key():
     with pytest.raises(PrecisionError, match=r"^runs.x.precision.dtype: 'int8'"):
         Precision.of({"dtype": "int8"}, "runs.x.precision")
+
+
+def test_maxent_weights_score_in_the_runs_entropy_dtype(tiny_tokenizer, tmp_path):
+    """MaxEnt-GRPO's sequence log-probs (its weights' input) use precision.entropy_dtype."""
+    from entroflow.data.datasets import load_problems
+    from entroflow.training.run import prompts_dataset
+    from entroflow.training.settings import RunSettings
+    from entroflow.training.trainer import build_trainer
+    from tests.conftest import make_tiny_model
+
+    problems = prompts_dataset(load_problems("t", {"preset": "arithmetic", "n": 4, "seed": 1}))
+    for name in ("float32", "float64"):
+        settings = RunSettings(
+            algorithm="maxent_grpo",
+            group_size=2,
+            prompts_per_step=1,
+            precision={"entropy_dtype": name},
+        )
+        trainer = build_trainer(
+            settings,
+            make_tiny_model(tiny_tokenizer),
+            tiny_tokenizer,
+            problems,
+            str(tmp_path / name),
+            reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+        )
+        assert trainer.accum_dtype == getattr(torch, name)

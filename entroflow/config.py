@@ -245,6 +245,12 @@ def _check_run(config: dict, name: str, run: dict) -> None:
             "seed loss and entropy term, which the ΔH replay and the Fisher kernel do not model "
             "(set delta_h.enabled: false; evaluation works on its checkpoints)"
         )
+    seed_head = run["algorithm"] == "infoseed_grpo" and run["infoseed"]["loss"] == "ce"
+    if seed_head and run["deepspeed_config"] is not None:
+        raise ConfigError(
+            f"{where}.deepspeed_config: not with infoseed_grpo's seed head (infoseed.loss: "
+            "ce), which trains outside the DeepSpeed engine; use loss infonce or plain DDP"
+        )
     if run["fisher"]["enabled"] and not run["delta_h"]["enabled"]:
         raise ConfigError(f"{where}.fisher: needs delta_h enabled (the kernel uses its batches)")
     if run["steps"] % run["save_every"]:

@@ -208,10 +208,13 @@ INFOSEED_ACCURACY = "infoseed/seed_accuracy"
 
 
 def _infoseed_panel(ax, rows: list[dict]) -> None:
-    """InfoSeed-GRPO per step: seed accuracy (left axis) and the mean token entropy of the
-    original and the seeded rollouts (right axis)."""
+    """InfoSeed-GRPO per step: seed accuracy and its chance level (left axis), and the mean token
+    entropy of the original and the seeded rollouts (right axis)."""
     steps = [r["step"] for r in rows]
     ax.plot(steps, [r.get(INFOSEED_ACCURACY) for r in rows], marker="o", ms=3, color="#8172b2")
+    chance = [r.get(f"{INFOSEED_ACCURACY}_chance") for r in rows]
+    ax.plot(steps, chance, ":", color="#8172b2", label="chance (this batch's seed counts)")
+    ax.legend(fontsize=7, loc="upper left")
     ax.set_ylabel("seed accuracy", color="#8172b2")
     right = ax.twinx()
     for key, style in (("entropy_original", "-"), ("entropy_seeded", "--")):

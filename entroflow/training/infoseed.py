@@ -14,8 +14,13 @@ within the group as usual (one problem, one baseline). The training loss adds
   apart the others (`infonce`, temperature τ_s; no head).
 - H̄_original, H̄_seeded: the policy's mean per-token entropy (at the rollout temperature) over
   the completion tokens of the original and of the seeded rollouts, from the loss pass itself.
-  Minimising α (H̄_original - H̄_seeded) raises the entropy of seeded rollouts relative to the
-  original ones (the seed's "MI-style" term).
+  Minimising α (H̄_original - H̄_seeded) raises the entropy of seeded rollouts and lowers that of
+  the original ones (the seed's "MI-style" term); it is a token-entropy regulariser with a
+  gradient, so α = 0.5 is strong (the original prompts are the ones evaluation uses).
+
+The completion's hidden states attend to the seed tag in the prompt, so a seed accuracy above
+chance shows that the seed can be read off the policy's representation, not by itself that the
+responses differ by seed.
 
 Where this differs from liv-daliberti/maxent-grpo (src/maxent_grpo/training/ ... evaluate_losses,
 read at its commit 479e91a): there, the α term is taken over the listwise sequence weights of the
@@ -23,7 +28,7 @@ two subsets, which are made from rewards and carry no gradient under its GRPO ob
 is taken over the policy's token entropies, which do. Its InfoNCE averages log-probabilities over
 all positive pairs at once; here each anchor's positives are averaged, then the anchors (the
 usual supervised contrastive form). Seeds are assigned per rollout slot within each group here,
-so every problem is seen with every seed and a seed is never read off the problem alone.
+so a problem is seen under min(G, K + 1) variants and a seed is not read off the problem alone.
 
 The functions here are free of TRL: the trainer (training.trainer.InfoSeedGRPOTrainer) calls them.
 """
@@ -64,12 +69,14 @@ class InfoSeedSettings:
 
 
 def slot_seeds(batch: int, group_size: int, seeds: int, original: bool) -> list[int]:
-    """The seed id of each rollout of a batch of consecutive groups: slot j of a group takes
-    variant j mod (K + 1) of [original, 0, ..., K-1], or j mod K without the original."""
+    """The seed id of each rollout of a batch of consecutive groups: slot j of group g takes
+    variant (j + g) mod V of the V = K + 1 variants [original, 0, ..., K-1] (V = K without the
+    original). A group sees min(G, V) variants, and over any V consecutive groups every variant
+    is used equally often (G = 8, V = 5: 2, 2, 2, 1, 1 times in one group, 8 each in five)."""
     if batch % group_size:
         raise ValueError(f"{batch} rollouts do not split into groups of {group_size}")
     cycle = ([ORIGINAL] if original else []) + list(range(seeds))
-    return [cycle[(i % group_size) % len(cycle)] for i in range(batch)]
+    return [cycle[(i % group_size + i // group_size) % len(cycle)] for i in range(batch)]
 
 
 def seeded_prompt(prompt, seed: int, template: str):
@@ -130,6 +137,17 @@ def nearest_seed_accuracy(pooled: torch.Tensor, seed_ids: torch.Tensor) -> float
     return float((seed_ids[sim.argmax(-1)] == seed_ids).double().mean())
 
 
+def chance_accuracy(seed_ids: torch.Tensor, loss: str) -> float:
+    """The seed accuracy of a predictor that knows nothing about the responses, for this batch's
+    seed counts n_k (n in all): for `ce`, always guessing the commonest seed, max_k n_k / n; for
+    `infonce` (1-NN), a random other rollout, Σ_k n_k (n_k - 1) / (n (n - 1))."""
+    counts = torch.unique(seed_ids, return_counts=True)[1].double()
+    n = counts.sum()
+    if loss == "ce":
+        return float(counts.max() / n)
+    return float((counts * (counts - 1)).sum() / (n * (n - 1))) if n > 1 else float("nan")
+
+
 def seed_diversity(pooled: torch.Tensor, seed_ids: torch.Tensor) -> float:
     """Mean pairwise L2 distance between the seeds' centroids of L2-normalised pooled states
     (0: the seeds' responses look alike on average; at most 2)."""
@@ -182,6 +200,7 @@ def seed_terms(
         else:
             seed_loss = infonce_loss(z, ids, settings.temperature)
             metrics["seed_accuracy"] = nearest_seed_accuracy(z, ids)
+        metrics["seed_accuracy_chance"] = chance_accuracy(ids, settings.loss)
         metrics["seed_diversity"] = seed_diversity(z, ids)
         if seed_loss is not None:
             metrics["seed_loss"] = float(seed_loss.detach())
@@ -194,4 +213,6 @@ def seed_terms(
     if settings.entropy_weight and h_seeded is not None:
         term = -h_seeded if h_original is None else h_original - h_seeded
         loss = settings.entropy_weight * term + (0.0 if loss is None else loss)
+    if loss is not None:
+        metrics["aux_loss"] = float(loss.detach())  # what was added to GRPO's loss
     return SeedTerms(loss=loss, metrics=metrics)

@@ -355,7 +355,9 @@ class EntropyMonitor(TrainerCallback):
     def trace_table(self, step: int) -> TokenTable:
         r = self.rollout
         eos = self.tokenizer.eos_token_id
-        first = np.flatnonzero(np.r_[True, r.group[1:] != r.group[:-1]])  # one prompt row per group
+        # One prompt row per group (InfoSeed-GRPO: per group and seed, each variant's own prompt)
+        variant = r.group if r.seed is None else r.group.astype(np.int64) * 1_000_003 + r.seed + 1
+        _, first, prompt_index = np.unique(variant, return_index=True, return_inverse=True)
         p_flat, p_off = flatten([r.prompt_ids[i] for i in first], np.int32)
         t_flat, t_off = flatten(r.completion_ids, np.int32)
         entropy, _ = flatten(self.entropy, np.float32)
@@ -372,7 +374,7 @@ class EntropyMonitor(TrainerCallback):
                 },
                 "responses": {
                     "offsets": t_off,
-                    "prompt_index": np.searchsorted(r.group[first], r.group).astype(np.int32),
+                    "prompt_index": prompt_index.astype(np.int32),
                     "sample_index": (np.arange(n) % max(self.num_generations, 1)).astype(np.int32),
                     "finish_reason": str_array(
                         "stop" if c and c[-1] == eos else "length" for c in r.completion_ids

@@ -31,7 +31,7 @@ class Rollout:
     # logged by it and written to the trace manifest under the same names:
     metrics: dict[str, float] = field(default_factory=dict)
     # InfoSeed-GRPO: int32 [B], each rollout's seed id (-1: the original prompt); prompt_ids
-    # hold the seeded prompts, prompt_text the group's original one
+    # and prompt_text are then each rollout's own, seeded, prompt
     seed: np.ndarray | None = None
 
 

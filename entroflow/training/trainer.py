@@ -248,7 +248,11 @@ class InfoSeedGRPOTrainer(EntroflowGRPOTrainer):
         if self.infoseed.loss == "ce":
             hidden = self.model.config.get_text_config().hidden_size
             device = next(self.model.parameters()).device
-            self.seed_head = torch.nn.Linear(hidden, self.infoseed.seeds).to(device)
+            # TRL seeds each rank differently (set_seed(device_specific=True)), and DDP does not
+            # broadcast a module outside the model: draw the head from the run's seed alone.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.args.seed)
+                self.seed_head = torch.nn.Linear(hidden, self.infoseed.seeds).to(device)
         self._capture: dict | None = None  # filled while the loss pass runs
         self._backbone().register_forward_hook(self._keep_hidden)
 
@@ -296,6 +300,11 @@ class InfoSeedGRPOTrainer(EntroflowGRPOTrainer):
             captured = self._capture
         finally:
             self._capture = None
+        if not captured["hidden"] or captured.get("entropies") is None:
+            raise EntroflowError(
+                "infoseed_grpo: TRL's loss pass did not run through the model's backbone with "
+                "entropies (a TRL version this trainer does not know)"
+            )
         mask = inputs["completion_mask"]  # (B, C)
         hidden = torch.cat(captured["hidden"])[:, -mask.size(1) :]  # completion positions
         pooled = pool_hidden(hidden, mask, self.infoseed.pooling)  # (B, d)
@@ -315,8 +324,8 @@ class InfoSeedGRPOTrainer(EntroflowGRPOTrainer):
             return loss
         return loss + terms.loss / self.current_gradient_accumulation_steps
 
-    def create_optimizer(self):
-        optimizer = super().create_optimizer()
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
         if self.seed_head is not None:  # its own group, no weight decay, the run's learning rate
             head = list(self.seed_head.parameters())
             if not any(p is head[0] for g in optimizer.param_groups for p in g["params"]):

@@ -18,6 +18,7 @@ from entroflow.io import read_token_file
 from entroflow.training.infoseed import (
     ORIGINAL,
     InfoSeedSettings,
+    chance_accuracy,
     infonce_loss,
     nearest_seed_accuracy,
     pool_hidden,
@@ -31,9 +32,15 @@ from tests.conftest import make_tiny_model
 
 
 def test_infoseed_slots_cycle_through_the_prompt_variants():
-    assert slot_seeds(16, 8, 3, original=True) == [-1, 0, 1, 2] * 4
-    assert slot_seeds(8, 4, 4, original=False) == [0, 1, 2, 3] * 2
-    assert slot_seeds(12, 6, 4, original=True) == [-1, 0, 1, 2, 3, -1] * 2  # per group
+    # group g's slot j takes variant (j + g) mod V of [original, 0, ..., K-1]
+    assert slot_seeds(8, 4, 3, original=True) == [-1, 0, 1, 2, 0, 1, 2, -1]
+    assert slot_seeds(8, 4, 4, original=False) == [0, 1, 2, 3, 1, 2, 3, 0]
+    # the defaults (K = 4 with the original, G = 8): over any 5 groups each variant 8 times
+    seeds = slot_seeds(80, 8, 4, original=True)
+    assert seeds[:8] == [-1, 0, 1, 2, 3, -1, 0, 1]
+    for start in (0, 8, 40):
+        window = seeds[start : start + 40]
+        assert list(np.unique(window, return_counts=True)[1]) == [8] * 5
     with pytest.raises(ValueError, match="groups of 4"):
         slot_seeds(6, 4, 2, original=True)
 
@@ -86,6 +93,13 @@ def test_infoseed_infonce_matches_a_hand_computation():
     assert infonce_loss(torch.tensor(x[:3]), torch.tensor([0, 1, 2]), 0.3) is None
 
 
+def test_infoseed_chance_accuracy_by_hand():
+    ids = torch.tensor([0, 0, 0, 1, 1, 2])
+    assert chance_accuracy(ids, "ce") == pytest.approx(3 / 6)  # always guess seed 0
+    # a random other rollout has the anchor's seed: (3·2 + 2·1 + 1·0) / (6·5)
+    assert chance_accuracy(ids, "infonce") == pytest.approx(8 / 30)
+
+
 def test_infoseed_accuracy_and_diversity_by_hand():
     # Two tight clusters on orthogonal axes: 1-NN finds its own seed; centroids √2 apart.
     x = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]])
@@ -117,6 +131,8 @@ def test_infoseed_loss_terms_by_hand():
     expected = 0.3 * ce + 0.5 * (h_orig - h_seed)
     assert float(terms.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
     assert terms.metrics["seed_loss"] == pytest.approx(float(ce), rel=1e-12)
+    assert terms.metrics["aux_loss"] == pytest.approx(float(expected.detach()), rel=1e-12)
+    assert terms.metrics["seed_accuracy_chance"] == pytest.approx(2 / 3)  # seeds 0, 1, 0
     assert terms.metrics["entropy_original"] == pytest.approx(float(h_orig), rel=1e-12)
     assert terms.metrics["entropy_seeded"] == pytest.approx(float(h_seed), rel=1e-12)
     predicted = head(pooled[seeded]).argmax(-1)
@@ -166,6 +182,10 @@ def test_infoseed_config_is_checked():
         ConfigError, match=r"runs.demo.delta_h: not available for algorithm infoseed_grpo"
     ):
         validate_config(stage)
+    ds = copy.deepcopy(config)
+    ds["runs"]["demo"]["deepspeed_config"] = "config/config.yaml"  # any existing file
+    with pytest.raises(ConfigError, match=r"runs.demo.deepspeed_config: not with infoseed_grpo"):
+        validate_config(ds)
     other = copy.deepcopy(config)
     other["runs"]["demo"]["algorithm"] = "dr_grpo"
     with pytest.raises(
@@ -224,9 +244,15 @@ def test_infoseed_grpo_trains_logs_saves_and_resumes_its_seed_head(model_dir, pr
         ):
             assert np.isfinite(r[f"infoseed/{key}"]), key
         assert r["infoseed/seed_loss"] > 0 and 0 <= r["infoseed/seed_accuracy"] <= 1
-    # Slots 0..3 of each group: original, seed 0, 1, 2; the trace records each response's seed.
+    # Group g's slots take variants rotated by g; the trace records each response's seed and
+    # points it at its own (seeded) prompt.
     table = read_token_file(out / "trace" / rows[0]["file"])
-    np.testing.assert_array_equal(table["responses/seed"], [ORIGINAL, 0, 1, 2] * 2)
+    seeds = table["responses/seed"]
+    np.testing.assert_array_equal(seeds, [ORIGINAL, 0, 1, 2, 0, 1, 2, ORIGINAL])
+    prompts = [table["prompts/text"][i] for i in table["responses/prompt_index"]]
+    assert len(table["prompts/text"]) == 8
+    for seed, prompt in zip(seeds, prompts, strict=True):
+        assert prompt.endswith(f"\n[seed={seed}]") if seed != ORIGINAL else "[seed=" not in prompt
     heads = [load_file(out / f"checkpoint-{s}" / SEED_HEAD_FILE) for s in (1, 2)]
     assert not torch.equal(heads[0]["weight"], heads[1]["weight"])  # the head trains
     names = json.loads((out / "checkpoint-2/optimizer_param_names.json").read_text())

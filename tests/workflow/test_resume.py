@@ -171,6 +171,10 @@ INTERRUPTER = textwrap.dedent(
     if os.environ.get("ENTROFLOW_INTERRUPT_AFTER_OUTPUT"):
         import entroflow.provenance
 
+        # A Ctrl-C in a terminal; a background shell (e.g. a CI runner's `cmd &`) starts its
+        # children with SIGINT ignored, and Python keeps an ignored SIGINT ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
         def write_record(output, configs, spec):
             os.kill(int(os.environ["ENTROFLOW_CONTROLLER_PID"]), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)

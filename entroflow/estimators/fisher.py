@@ -137,8 +137,11 @@ def sequence_gradients(
         grads = {}
         for name in names:
             a, e = inputs.pop(name), out_grads.pop(name).detach()
-            # (B, T, out) x (B, T, in) -> (B, out, in), in float64 for the accumulation
-            grads[name] = torch.einsum("bto,bti->boi", e.double(), a.double())
+            # (B, T, out) x (B, T, in) -> (B, out, in) in the activations' dtype, at least float32
+            # (autograd's own weight gradient has that precision; the Fisher stage runs in
+            # float64 by default), returned in float64
+            dtype = torch.promote_types(a.dtype, torch.float32)
+            grads[name] = torch.einsum("bto,bti->boi", e.to(dtype), a.to(dtype)).double()
         yield batch, grads
 
 

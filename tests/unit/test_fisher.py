@@ -1,5 +1,7 @@
 """Per-sequence gradients, the blocked kernel, its reconstruction identity, and the sketch."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -90,6 +92,21 @@ def test_hook_gradients_equal_one_backward_per_sequence(lora_model, max_tokens):
         grads = torch.autograd.grad(sc.logprob[0].sum(), [params[n] for n in names])
         for n, g in zip(names, grads, strict=True):
             torch.testing.assert_close(hooked[n][i], g.double(), atol=1e-10, rtol=1e-8)
+
+
+def test_hook_gradients_in_float32_match_autograds_float32_gradients(lora_model):
+    """A float32 model's per-sequence gradients are accumulated in float32, as autograd's own."""
+    model = copy.deepcopy(lora_model).float()
+    names = lora_names(model)
+    prompts, responses = batch(2, 5)
+    hooked = gather(model, prompts, responses, names, 10_000)
+    params = dict(model.named_parameters())
+    for i in range(len(prompts)):
+        sc = score_sequences(model, [prompts[i]], [responses[i]], pad_token_id=PAD, temperature=1.0)
+        grads = torch.autograd.grad(sc.logprob[0].sum(), [params[n] for n in names])
+        for n, g in zip(names, grads, strict=True):
+            assert hooked[n].dtype == torch.float64
+            torch.testing.assert_close(hooked[n][i], g.double(), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("block", [1, 7, 100, 10_000])

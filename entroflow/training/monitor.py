@@ -356,8 +356,11 @@ class EntropyMonitor(TrainerCallback):
         r = self.rollout
         eos = self.tokenizer.eos_token_id
         # One prompt row per group (InfoSeed-GRPO: per group and seed, each variant's own prompt)
-        variant = r.group if r.seed is None else r.group.astype(np.int64) * 1_000_003 + r.seed + 1
-        _, first, prompt_index = np.unique(variant, return_index=True, return_inverse=True)
+        seed = np.zeros_like(r.group) if r.seed is None else r.seed
+        _, first, prompt_index = np.unique(
+            np.c_[r.group, seed], axis=0, return_index=True, return_inverse=True
+        )
+        prompt_index = prompt_index.reshape(-1)  # numpy 2.0.0 returned it 2-D with `axis`
         p_flat, p_off = flatten([r.prompt_ids[i] for i in first], np.int32)
         t_flat, t_off = flatten(r.completion_ids, np.int32)
         entropy, _ = flatten(self.entropy, np.float32)

@@ -81,6 +81,19 @@ def save_tiny_model(folder: Path, tokenizer, seed: int) -> Path:
     return folder
 
 
+def digit_share(prompts, completions, **kwargs):
+    """A TRL reward the random tiny model earns unevenly, so advantages and updates are non-zero
+    (importable by name: the ranks of a multi-process run import it)."""
+    texts = [c[0]["content"] for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+
+@pytest.fixture(scope="session")
+def training_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    """The tiny model the training tests start from (seed 11), saved once per session."""
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny-model"), tiny_tokenizer, seed=11))
+
+
 def tiny_config(model_dir: Path, n_problems: int, experiments: dict[str, dict]) -> dict:
     """A workflow config: `n_problems` builtin arithmetic problems, the tiny model at `model_dir`,
     and one single-shard experiment per entry of `experiments` (name -> extra settings)."""

@@ -28,7 +28,7 @@ from entroflow.training.infoseed import (
     slot_seeds,
 )
 from entroflow.training.settings import RunSettings
-from tests.conftest import make_tiny_model
+from tests.conftest import digit_share
 
 
 def test_infoseed_slots_cycle_through_the_prompt_variants():
@@ -197,19 +197,6 @@ def test_infoseed_config_is_checked():
 # ---------------------------------------------------------------- a real tiny run
 
 
-def digit_share(prompts, completions, **kwargs):
-    texts = [c[0]["content"] for c in completions]
-    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_model(tiny_tokenizer, seed=11).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def problems():
     return load_problems("t", {"preset": "arithmetic", "n": 32, "seed": 5})
@@ -220,19 +207,21 @@ BASE = dict(
 )
 
 
-def infoseed_run(model_dir, problems, out, **infoseed):
+def infoseed_run(training_model_dir, problems, out, **infoseed):
     from entroflow.training.run import train_policy
 
     settings = RunSettings(**BASE, algorithm="infoseed_grpo", infoseed={"seeds": 3, **infoseed})
-    train_policy(settings, model_dir, problems, str(out), reward_funcs=[digit_share])
+    train_policy(settings, training_model_dir, problems, str(out), reward_funcs=[digit_share])
     return [json.loads(x) for x in (out / "trace/manifest.jsonl").read_text().splitlines()]
 
 
-def test_infoseed_grpo_trains_logs_saves_and_resumes_its_seed_head(model_dir, problems, tmp_path):
+def test_infoseed_grpo_trains_logs_saves_and_resumes_its_seed_head(
+    training_model_dir, problems, tmp_path
+):
     from entroflow.training.trainer import SEED_HEAD_FILE, SEED_HEAD_PREFIX
 
     out = tmp_path / "ce"
-    rows = infoseed_run(model_dir, problems, out, loss="ce", loss_weight=1.0)
+    rows = infoseed_run(training_model_dir, problems, out, loss="ce", loss_weight=1.0)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         for key in (
@@ -260,17 +249,17 @@ def test_infoseed_grpo_trains_logs_saves_and_resumes_its_seed_head(model_dir, pr
     # Resume from checkpoint-1 after losing checkpoint-2: the head and its AdamW state are
     # restored, so the re-made checkpoint-2 holds the uninterrupted run's head.
     shutil.rmtree(out / "checkpoint-2")
-    infoseed_run(model_dir, problems, out, loss="ce", loss_weight=1.0)
+    infoseed_run(training_model_dir, problems, out, loss="ce", loss_weight=1.0)
     resumed = load_file(out / "checkpoint-2" / SEED_HEAD_FILE)
     torch.testing.assert_close(resumed["weight"], heads[1]["weight"], atol=1e-6, rtol=1e-5)
 
 
-def test_infoseed_terms_reach_the_adapter(model_dir, problems, tmp_path):
+def test_infoseed_terms_reach_the_adapter(training_model_dir, problems, tmp_path):
     """Step 1's rollouts are the same in the three runs (same seed, same initial policy), so
     checkpoint-1's adapters differ only by the gradient of the seed terms."""
 
     def adapter(name, **infoseed):
-        infoseed_run(model_dir, problems, tmp_path / name, **infoseed)
+        infoseed_run(training_model_dir, problems, tmp_path / name, **infoseed)
         return load_file(tmp_path / name / "checkpoint-1/adapter_model.safetensors")
 
     plain = adapter("plain", loss_weight=0.0, entropy_weight=0.0)
@@ -280,7 +269,7 @@ def test_infoseed_terms_reach_the_adapter(model_dir, problems, tmp_path):
         assert any(not torch.allclose(plain[n], other[n], atol=1e-7) for n in plain)
 
 
-def test_infoseed_ce_head_on_two_processes(model_dir, problems, tmp_path):
+def test_infoseed_ce_head_on_two_processes(training_model_dir, problems, tmp_path):
     """DDP does not reach the seed head: its gradients are averaged by hand on every rank (a
     rank that skipped the reduce would hang the run)."""
     from entroflow.training.run import train_policy
@@ -293,7 +282,9 @@ def test_infoseed_ce_head_on_two_processes(model_dir, problems, tmp_path):
         infoseed={"seeds": 3, "loss": "ce", "loss_weight": 1.0},
     )
     out = tmp_path / "ddp"
-    train_policy(settings, model_dir, problems, str(out), reward_funcs=[digit_share], threads=2)
+    train_policy(
+        settings, training_model_dir, problems, str(out), reward_funcs=[digit_share], threads=2
+    )
     rows = [json.loads(x) for x in (out / "trace/manifest.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["world_size"] == 2 for r in rows)
     assert all(np.isfinite(r["infoseed/seed_loss"]) for r in rows)

@@ -17,7 +17,7 @@ from entroflow.training.maxent import MaxEntController
 from entroflow.training.run import train_policy
 from entroflow.training.settings import RunSettings
 from entroflow.training.trainer import MAXENT_STATE_FILE
-from tests.conftest import make_tiny_model
+from tests.conftest import digit_share, make_tiny_model
 
 SETTINGS = dict(
     steps=4,
@@ -29,12 +29,6 @@ SETTINGS = dict(
     processes=2,
     algorithm="maxent_grpo",  # also its controller, stepped alike on both processes
 )
-
-
-def digit_share(prompts, completions, **kwargs):
-    """A reward the random tiny model earns unevenly (the ranks import it by name)."""
-    texts = [c[0]["content"] for c in completions]
-    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
 
 
 def manifest_steps(run):

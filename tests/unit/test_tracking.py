@@ -11,23 +11,10 @@ from entroflow.config import ConfigError, validate_config
 from entroflow.data.datasets import load_problems
 from entroflow.errors import EntroflowError
 from entroflow.training.settings import RunSettings
-from tests.conftest import make_tiny_model
+from tests.conftest import digit_share
 
 
-def digit_share(prompts, completions, **kwargs):
-    texts = [c[0]["content"] for c in completions]
-    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_model(tiny_tokenizer, seed=11).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def test_tracking_tensorboard_receives_probe_entropy_and_controller(model_dir, tmp_path):
+def test_tracking_tensorboard_receives_probe_entropy_and_controller(training_model_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from entroflow.training.run import train_policy
@@ -47,7 +34,7 @@ def test_tracking_tensorboard_receives_probe_entropy_and_controller(model_dir, t
     out = tmp_path / "run"
     (out / TENSORBOARD_DIR).mkdir(parents=True)
     (out / TENSORBOARD_DIR / "stale").write_text("from an earlier run")
-    train_policy(settings, model_dir, problems, str(out), reward_funcs=[digit_share])
+    train_policy(settings, training_model_dir, problems, str(out), reward_funcs=[digit_share])
     assert not (out / TENSORBOARD_DIR / "stale").exists()  # a fresh start clears old events
     assert not (out / "runs").exists()  # not TRL's default place
     events = EventAccumulator(str(out / TENSORBOARD_DIR))

@@ -19,14 +19,7 @@ from entroflow.lm.checkpoints import (
 from entroflow.training.monitor import EntropyMonitor, ratio_estimate, trainable_parameters
 from entroflow.training.run import prompts_dataset, train_policy
 from entroflow.training.trainer import PARAM_NAMES_FILE, RunSettings, build_trainer
-from tests.conftest import make_tiny_model
-
-
-def digit_share(prompts, completions, **kwargs):
-    """A reward the random tiny model earns unevenly, so advantages and updates are non-zero."""
-    texts = [c[0]["content"] for c in completions]
-    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
-
+from tests.conftest import digit_share
 
 SETTINGS = dict(
     steps=4, save_every=2, group_size=4, prompts_per_step=2, max_new_tokens=12, learning_rate=5e-3
@@ -34,25 +27,19 @@ SETTINGS = dict(
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_model(tiny_tokenizer, seed=11).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def problems():
     return load_problems("t", {"preset": "arithmetic", "n": 64, "seed": 5})
 
 
-def test_checkpoint_state_maps_to_named_parameters(model_dir, problems, tiny_tokenizer, tmp_path):
+def test_checkpoint_state_maps_to_named_parameters(
+    training_model_dir, problems, tiny_tokenizer, tmp_path
+):
     from entroflow.lm.models import load_model
 
     settings = RunSettings(**SETTINGS)
     trainer = build_trainer(
         settings,
-        load_model(model_dir),
+        load_model(training_model_dir),
         tiny_tokenizer,
         prompts_dataset(problems),
         str(tmp_path),
@@ -102,12 +89,14 @@ def test_checkpoint_state_maps_to_named_parameters(model_dir, problems, tiny_tok
         assert np.isfinite(row["probe_predicted"]) and np.isfinite(row["probe_realised"])
 
 
-def train_with_monitor(model_dir, problems, tokenizer, out, settings, monitor_class=None, **kw):
+def train_with_monitor(
+    training_model_dir, problems, tokenizer, out, settings, monitor_class=None, **kw
+):
     from entroflow.lm.models import load_model
 
     trainer = build_trainer(
         settings,
-        load_model(model_dir),
+        load_model(training_model_dir),
         tokenizer,
         prompts_dataset(problems),
         str(out),
@@ -120,13 +109,18 @@ def train_with_monitor(model_dir, problems, tokenizer, out, settings, monitor_cl
 
 @pytest.mark.parametrize("probe_sequences", [0, 3])
 def test_probe_is_first_order_exact_for_small_steps(
-    model_dir, problems, tiny_tokenizer, tmp_path, probe_sequences
+    training_model_dir, problems, tiny_tokenizer, tmp_path, probe_sequences
 ):
     """At a tiny learning rate the realised change equals the prediction up to O(lr^2), on all
     rollouts and on a subsample (both sides are measured on the same sampled rollouts)."""
     settings = RunSettings(**{**SETTINGS, "steps": 2, "save_every": 2, "learning_rate": 1e-6})
     _, monitor = train_with_monitor(
-        model_dir, problems, tiny_tokenizer, tmp_path, settings, probe_sequences=probe_sequences
+        training_model_dir,
+        problems,
+        tiny_tokenizer,
+        tmp_path,
+        settings,
+        probe_sequences=probe_sequences,
     )
     for row in monitor.writer.read_manifest():
         pred, real = row["probe_predicted"], row["probe_realised"]
@@ -156,7 +150,7 @@ class RecordingMonitor(EntropyMonitor):
 
 @pytest.mark.parametrize("probe_sequences", [0, 3])
 def test_probe_prediction_is_the_gradient_along_the_update(
-    model_dir, problems, tiny_tokenizer, tmp_path, probe_sequences
+    training_model_dir, problems, tiny_tokenizer, tmp_path, probe_sequences
 ):
     """The prediction (backward on all rollouts, forward mode on a sample) is exactly
     ⟨∇H̄(θ0), Δθ⟩ with ∇H̄ by backward at θ0 (the probe's definition), at an ordinary learning
@@ -165,7 +159,7 @@ def test_probe_prediction_is_the_gradient_along_the_update(
 
     settings = RunSettings(**{**SETTINGS, "steps": 1, "save_every": 1})
     trainer, monitor = train_with_monitor(
-        model_dir,
+        training_model_dir,
         problems,
         tiny_tokenizer,
         tmp_path,
@@ -199,16 +193,16 @@ def test_probe_prediction_is_the_gradient_along_the_update(
 
 @pytest.mark.parametrize("options", [{}, {"probe_every": 2, "probe_sequences": 3}])
 def test_probe_options_leave_the_trace_unchanged(
-    model_dir, problems, tiny_tokenizer, tmp_path, options
+    training_model_dir, problems, tiny_tokenizer, tmp_path, options
 ):
     """The probe (and probe_every, probe_sequences: which steps and rollouts it sees) never
     changes the trained adapter or the trace: the same per-token entropies as without it."""
     settings = RunSettings(**{**SETTINGS, "steps": 2, "save_every": 2})
     _, off = train_with_monitor(
-        model_dir, problems, tiny_tokenizer, tmp_path / "off", settings, probe=False
+        training_model_dir, problems, tiny_tokenizer, tmp_path / "off", settings, probe=False
     )
     _, on = train_with_monitor(
-        model_dir, problems, tiny_tokenizer, tmp_path / "on", settings, **options
+        training_model_dir, problems, tiny_tokenizer, tmp_path / "on", settings, **options
     )
     rows_off, rows_on = off.writer.read_manifest(), on.writer.read_manifest()
     for a, b in zip(rows_off, rows_on, strict=True):
@@ -238,16 +232,16 @@ def test_ratio_estimate_standard_error_matches_resampling():
     assert ratio_estimate(y, n, 64) == (pytest.approx(y.sum() / n.sum()), 0.0)
 
 
-def test_resume_after_kill_matches_uninterrupted(model_dir, problems, tmp_path):
+def test_resume_after_kill_matches_uninterrupted(training_model_dir, problems, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     settings = RunSettings(**SETTINGS)
-    train_policy(settings, model_dir, problems, str(full), reward_funcs=[digit_share])
-    train_policy(settings, model_dir, problems, str(killed), reward_funcs=[digit_share])
+    train_policy(settings, training_model_dir, problems, str(full), reward_funcs=[digit_share])
+    train_policy(settings, training_model_dir, problems, str(killed), reward_funcs=[digit_share])
     # Simulate a kill during step 4: its checkpoint never finished and the manifest has a cut line.
     shutil.rmtree(killed / "checkpoint-4")
     with open(killed / "trace/manifest.jsonl", "a") as f:
         f.write('{"step": 5, "fi')
-    train_policy(settings, model_dir, problems, str(killed), reward_funcs=[digit_share])
+    train_policy(settings, training_model_dir, problems, str(killed), reward_funcs=[digit_share])
     steps = [
         json.loads(line)["step"]
         for line in (killed / "trace/manifest.jsonl").read_text().splitlines()
@@ -257,19 +251,23 @@ def test_resume_after_kill_matches_uninterrupted(model_dir, problems, tmp_path):
     b = load_file(killed / "checkpoint-4/adapter_model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
-    policy = load_policy(model_dir, killed / "checkpoint-4")
+    policy = load_policy(training_model_dir, killed / "checkpoint-4")
     assert not any("lora" in n for n, _ in policy.named_parameters())
 
 
-def test_changed_settings_train_from_scratch_not_resume(model_dir, problems, tmp_path, caplog):
+def test_changed_settings_train_from_scratch_not_resume(
+    training_model_dir, problems, tmp_path, caplog
+):
     """A rerun with other settings (or code) must not resume the old run's last checkpoint and
     call it done: it trains anew, and its checkpoints are those of a fresh run."""
     run, fresh = tmp_path / "run", tmp_path / "fresh"
-    train_policy(RunSettings(**SETTINGS), model_dir, problems, str(run), reward_funcs=[digit_share])
+    train_policy(
+        RunSettings(**SETTINGS), training_model_dir, problems, str(run), reward_funcs=[digit_share]
+    )
     other = RunSettings(**{**SETTINGS, "learning_rate": SETTINGS["learning_rate"] * 3})
-    train_policy(other, model_dir, problems, str(run), reward_funcs=[digit_share])
+    train_policy(other, training_model_dir, problems, str(run), reward_funcs=[digit_share])
     assert "training from scratch" in caplog.text
-    train_policy(other, model_dir, problems, str(fresh), reward_funcs=[digit_share])
+    train_policy(other, training_model_dir, problems, str(fresh), reward_funcs=[digit_share])
     a = load_file(run / "checkpoint-4/adapter_model.safetensors")
     b = load_file(fresh / "checkpoint-4/adapter_model.safetensors")
     for name in a:
@@ -285,7 +283,7 @@ def test_checkpoint_without_optimizer_state_is_named(tmp_path):
         require_optimizer_state(folder)
 
 
-def test_maxent_grpo_trains_and_restores_its_controller(model_dir, problems, tmp_path):
+def test_maxent_grpo_trains_and_restores_its_controller(training_model_dir, problems, tmp_path):
     from entroflow.training.maxent import MaxEntController
     from entroflow.training.trainer import MAXENT_STATE_FILE
 
@@ -293,7 +291,7 @@ def test_maxent_grpo_trains_and_restores_its_controller(model_dir, problems, tmp
         **{**SETTINGS, "algorithm": "maxent_grpo", "maxent": {"controller": {"tau": 2.0}}}
     )
     out = tmp_path / "maxent"
-    train_policy(settings, model_dir, problems, str(out), reward_funcs=[digit_share])
+    train_policy(settings, training_model_dir, problems, str(out), reward_funcs=[digit_share])
     rows = [json.loads(x) for x in (out / "trace/manifest.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     table = read_token_file(out / "trace" / rows[0]["file"])
@@ -318,7 +316,7 @@ def test_maxent_grpo_trains_and_restores_its_controller(model_dir, problems, tmp
     # Resume from checkpoint-2 after losing checkpoint-4: the controller continues from its saved
     # state, so the re-made checkpoint-4 holds the same controller as the uninterrupted run.
     shutil.rmtree(out / "checkpoint-4")
-    train_policy(settings, model_dir, problems, str(out), reward_funcs=[digit_share])
+    train_policy(settings, training_model_dir, problems, str(out), reward_funcs=[digit_share])
     resumed = MaxEntController.from_state(
         json.loads((out / "checkpoint-4" / MAXENT_STATE_FILE).read_text())
     )

@@ -57,17 +57,14 @@ def check_removed_keys(config: dict) -> None:
             )
         algorithm = run.get("algorithm") if isinstance(run, dict) else None
         infoseed = run.get("infoseed") if isinstance(run, dict) else None
+        given = algorithm != "infoseed_grpo" and infoseed not in (None, {})
         # (a validated config holds the defaults: validating it again is not a user's mistake)
-        if infoseed not in (None, {}, _infoseed_defaults()) and algorithm != "infoseed_grpo":
+        if given and infoseed != schema_defaults("runs", "*", "infoseed"):
             raise ConfigError(
                 f"config: runs.{name}.infoseed: settings of algorithm infoseed_grpo, but this "
                 f"run's algorithm is {algorithm or 'the default'}; set algorithm: infoseed_grpo "
                 "or remove them"
             )
-
-
-def _infoseed_defaults() -> dict:
-    return schema_defaults("runs", "*", "infoseed")
 
 
 # Older keys still read, each as its new place (a stage's `precision` entry).

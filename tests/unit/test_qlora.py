@@ -11,8 +11,9 @@ from entroflow.lm.checkpoints import load_policy
 from entroflow.lm.models import ModelError, check_quantize, load_model
 from entroflow.training.run import prompts_dataset, train_policy
 from entroflow.training.trainer import RunSettings, build_trainer
+from tests.conftest import digit_share
 from tests.unit.test_config import RUN
-from tests.unit.test_training_run import digit_share, model_dir, problems  # noqa: F401
+from tests.unit.test_training_run import problems  # noqa: F401
 
 needs_bnb = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None,
@@ -34,9 +35,14 @@ def four_bit_layers(model) -> list[str]:
 
 
 @needs_bnb
-def test_qlora_trains_two_steps_on_a_4bit_base(model_dir, problems, tiny_tokenizer, tmp_path):  # noqa: F811
+def test_qlora_trains_two_steps_on_a_4bit_base(
+    training_model_dir,
+    problems,  # noqa: F811
+    tiny_tokenizer,
+    tmp_path,
+):
     settings = RunSettings(**SETTINGS, lora_quantize="nf4")
-    model = load_model(model_dir, quantize="nf4", double_quant=settings.lora_double_quant)
+    model = load_model(training_model_dir, quantize="nf4", double_quant=settings.lora_double_quant)
     trainer = build_trainer(
         settings,
         model,
@@ -60,7 +66,9 @@ def test_qlora_trains_two_steps_on_a_4bit_base(model_dir, problems, tiny_tokeniz
 
     # The checkpoint stages' base: the same 4-bit weights, de-quantized to plain layers.
     checkpoint = tmp_path / "checkpoint-2"
-    policy = load_policy(model_dir, checkpoint, merge=False, quantize="nf4", double_quant=True)
+    policy = load_policy(
+        training_model_dir, checkpoint, merge=False, quantize="nf4", double_quant=True
+    )
     assert not four_bit_layers(policy)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     trainer.model.eval()
@@ -80,31 +88,33 @@ def test_qlora_trains_two_steps_on_a_4bit_base(model_dir, problems, tiny_tokeniz
             assert param.dtype == torch.float32
             torch.testing.assert_close(param, trained_adapter[name].float(), rtol=0, atol=0)
     assert (loaded - trained).abs().max() < 0.02 * trained.abs().max()
-    unquantized = load_policy(model_dir, checkpoint, merge=False)
+    unquantized = load_policy(training_model_dir, checkpoint, merge=False)
     with torch.no_grad(), unquantized.disable_adapter():
         assert not torch.allclose(unquantized(input_ids=ids).logits, base_4bit, atol=1e-3)
 
 
 @needs_bnb
-def test_train_policy_with_quantize_writes_checkpoints(model_dir, problems, tmp_path):  # noqa: F811
+def test_train_policy_with_quantize_writes_checkpoints(training_model_dir, problems, tmp_path):  # noqa: F811
     one_step = {**SETTINGS, "steps": 1, "save_every": 1, "max_new_tokens": 4}
     settings = RunSettings(**one_step, lora_quantize="fp4", precision={"entropy_dtype": "float64"})
-    summary = train_policy(settings, model_dir, problems, str(tmp_path), reward_funcs=[digit_share])
+    summary = train_policy(
+        settings, training_model_dir, problems, str(tmp_path), reward_funcs=[digit_share]
+    )
     assert (tmp_path / "checkpoint-1" / "adapter_model.safetensors").exists()
     assert (tmp_path / "trace").is_dir() and summary
 
 
 @needs_bnb
-def test_4bit_base_passes_gradients_after_an_eval_forward(model_dir):  # noqa: F811
+def test_4bit_base_passes_gradients_after_an_eval_forward(training_model_dir):  # noqa: F811
     """The base's input gradients survive a no-grad eval forward (generation, the trace pass):
     bitsandbytes' own CPU repack would drop them from then on (models.keep_4bit_differentiable)."""
-    model = load_model(model_dir, quantize="nf4")
+    model = load_model(training_model_dir, quantize="nf4")
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         model(input_ids=ids)  # eval mode, no grad
     embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     model(inputs_embeds=embeddings).logits.sum().backward()
-    exact = load_model(model_dir, quantize="nf4", dequantize=True)
+    exact = load_model(training_model_dir, quantize="nf4", dequantize=True)
     reference = embeddings.detach().clone().requires_grad_(True)
     exact(inputs_embeds=reference).logits.sum().backward()
     torch.testing.assert_close(embeddings.grad, reference.grad, rtol=1e-4, atol=1e-4)
